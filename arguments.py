@@ -1,0 +1,168 @@
+"""Every option of training and evaluation, in one place, with the authors' defaults.
+
+`python train.py` with no arguments selects the built-in demo (`--dataset demo`), whose profile
+changes a handful of defaults so that it trains in minutes on a laptop CPU (see PROFILES).
+Options given on the command line always win over a profile.
+"""
+import argparse
+import os
+
+from lib.text_model import DEMO_TEXT_MODEL
+
+# Per-dataset defaults that differ from the authors' global defaults.
+# f30k/coco: the authors' code switches the triplet cut-off on the dataset name.
+PROFILES = {
+    'f30k': {'trip_cutoff': 1.7},
+    'coco': {'trip_cutoff': 1.9},
+    'demo': {
+        'trip_cutoff': 1.7,
+        'bert_path': DEMO_TEXT_MODEL,
+        'embed_size': 256,
+        'batch_size': 64,
+        'num_epochs': 6,
+        'lr_schedules': [5],
+        'warmup': 150,
+        'workers': 0,
+        'log_step': 20,
+    },
+}
+
+
+def bounded_float(low, high, low_open=True):
+    def parse(text):
+        value = float(text)
+        ok = (low < value if low_open else low <= value) and value <= high
+        if not ok:
+            bracket = '(' if low_open else '['
+            raise argparse.ArgumentTypeError(f'{value} is outside {bracket}{low}, {high}]')
+        return value
+    return parse
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{value} must be >= 1')
+    return value
+
+
+def add_data_args(parser):
+    g = parser.add_argument_group('data')
+    g.add_argument('--data_path', default='data/', help='folder that holds <dataset>_precomp/')
+    g.add_argument('--dataset', default='demo',
+                   help='f30k, coco, demo (built-in synthetic set) or any <name> with data/<name>_precomp')
+    g.add_argument('--bert_path', default='data/bert-base-uncased',
+                   help='text model: a local folder (config.json, vocab.txt, weights) or a hub name')
+    g.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
+                   help='DataLoader worker processes for training')
+    return g
+
+
+def add_model_args(parser):
+    g = parser.add_argument_group('model (fragment-level relations)')
+    g.add_argument('--embed_size', type=positive_int, default=1024, help='joint embedding size E')
+    g.add_argument('--residual_weight', type=float, default=0.8,
+                   help='g = w * MaxK(x) + (1 - w) * mean(Transformer(x))')
+    g.add_argument('--nhead', type=positive_int, default=16, help='attention heads of every Transformer layer')
+    g.add_argument('--dropout', type=float, default=0.1, help='dropout of every Transformer layer')
+    g.add_argument('--mlp_last_bn', type=int, default=0, choices=[0, 1],
+                   help='apply BatchNorm after the last MLP layer of the image encoder. The authors '
+                        'create that layer but never apply it; 0 reproduces their released checkpoints')
+    return g
+
+
+def add_relation_args(parser):
+    g = parser.add_argument_group('instance-level relations (training only)')
+    g.add_argument('--warmup', type=int, default=8000,
+                   help='optimizer steps with the base loss only, before the relation module starts')
+    g.add_argument('--num_layers_enc', type=positive_int, default=1, help='layers of the instance Transformer')
+    g.add_argument('--graph_lr_factor', type=float, default=1.0, help='lr factor of the relation module')
+    g.add_argument('--mask_weight', type=float, default=1.0, help='scale of the relevance added to attention')
+    g.add_argument('--threshold', type=bounded_float(0.0, 1.0), default=0.5,
+                   help='proportion of the batch each node connects to, in (0, 1]')
+    g.add_argument('--topk', type=positive_int, default=10, help='K region-word scores fed to the relevance MLP')
+    g.add_argument('--reg_loss_weight', type=float, default=10.0, help='weight of the KL regulariser')
+    g.add_argument('--sigma', type=float, default=1.0, help='relevance exp(-distance / sigma)')
+    g.add_argument('--intra_connect', default='intra', choices=['intra', 'cross'],
+                   help="image-image / text-text connections from intra-modal similarity (the paper, "
+                        "default) or from the image-caption similarity as the authors' code does ('cross')")
+    return g
+
+
+def add_loss_args(parser):
+    g = parser.add_argument_group('objective')
+    g.add_argument('--base_loss', default='trip', choices=['trip', 'vse'], help='loss on (v, t)')
+    g.add_argument('--gnn_loss', default='trip', choices=['trip', 'vse'], help='loss on the enhanced pairs')
+    g.add_argument('--margin', type=float, default=0.2, help='hinge margin of both losses')
+    g.add_argument('--trip_cutoff', type=float, default=1.7,
+                   help='distance-weighted sampling ignores negatives at distance >= cutoff '
+                        '(1.7 Flickr30K, 1.9 COCO)')
+    g.add_argument('--vse_mean_warmup_epochs', type=int, default=1,
+                   help='vse loss sums over all negatives for these epochs, then takes the hardest')
+    g.add_argument('--max_violation', action='store_true',
+                   help='vse loss uses the hardest negative from the first epoch on')
+    return g
+
+
+def add_optim_args(parser):
+    g = parser.add_argument_group('optimisation')
+    g.add_argument('--num_epochs', type=positive_int, default=30)
+    g.add_argument('--batch_size', type=int, default=128, help='global batch size (pairs per step)')
+    g.add_argument('--learning_rate', type=float, default=5e-4)
+    g.add_argument('--weight_decay', type=float, default=1e-4)
+    g.add_argument('--bert_lr_factor', type=float, default=0.1, help='lr factor of the BERT backbone')
+    g.add_argument('--grad_clip', type=float, default=2.0, help='gradient-norm clip (0 disables)')
+    g.add_argument('--lr_schedules', type=int, nargs='+', default=[15, 25], help='epochs where lr decays')
+    g.add_argument('--decay_rate', type=float, default=0.1, help='lr factor at each scheduled epoch')
+    g.add_argument('--size_augment', type=int, default=1, choices=[0, 1], help='drop 20%% of regions')
+    g.add_argument('--text_augment', type=int, default=1, choices=[0, 1], help='mask/replace/delete 20%% of words')
+    g.add_argument('--max_steps', type=int, default=0, help='stop after this many optimizer steps (0: no limit)')
+    g.add_argument('--max_nonfinite', type=int, default=5,
+                   help='abort after this many consecutive non-finite losses (each one skips its step)')
+    return g
+
+
+def add_runtime_args(parser):
+    g = parser.add_argument_group('runtime')
+    g.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when present)')
+    g.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'],
+                   help='autocast precision for the encoders; losses and ranking stay in fp32')
+    g.add_argument('--seed', type=int, default=0, help='seed of every random choice (a CPU run repeats exactly)')
+    return g
+
+
+def get_train_parser():
+    parser = argparse.ArgumentParser(description='Train HREM.', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_data_args(parser)
+    add_model_args(parser)
+    add_relation_args(parser)
+    add_loss_args(parser)
+    add_optim_args(parser)
+    add_runtime_args(parser)
+    g = parser.add_argument_group('run')
+    g.add_argument('--logger_name', default=None, help='run folder (default: runs/<dataset>)')
+    g.add_argument('--log_step', type=int, default=200, help='steps between lines of the text log')
+    g.add_argument('--val_split', default='dev', help="split for model selection; 'test' as the authors")
+    g.add_argument('--resume', default=None, help='checkpoint_last.pth of a run to continue exactly')
+    g.add_argument('--init_from', default=None,
+                   help="start from the encoder weights of a checkpoint (ours or the authors'); "
+                        'relation module, optimizer and schedule start fresh')
+    g.add_argument('--overwrite', action='store_true', help='reuse a run folder that holds another run')
+    g.add_argument('--eval_batch_size', type=int, default=128, help='batch size of encoding at evaluation')
+    return parser
+
+
+def parse_train_args(argv=None):
+    """Parse with the dataset's profile applied to the defaults."""
+    parser = get_train_parser()
+    known, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**PROFILES.get(known.dataset, {}))
+    args = parser.parse_args(argv)
+    if args.logger_name is None:
+        args.logger_name = os.path.join('runs', args.dataset)
+    return args
+
+
+def test_split_of(dataset):
+    """The split the field reports on: COCO's 5000-image testall, otherwise test."""
+    return 'testall' if dataset == 'coco' else 'test'

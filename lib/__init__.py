@@ -1,0 +1,1 @@
+"""HREM library code: data, encoders, relations, losses, evaluation, checkpoints."""

@@ -1,0 +1,154 @@
+"""Checkpoints: atomic writes, safe reads, and the mapping to and from the authors' format.
+
+Ours:     {'format': 'hrem-ckpt/1', 'model': {'img_enc', 'txt_enc', 'relation'}, 'args': dict,
+           'epoch', 'iteration', 'best_rsum', 'optimizer', 'scheduler', 'scaler'}
+Authors': {'model': [image_state, text_state], 'opt': argparse.Namespace, 'epoch': int,
+           'best_rsum': float, 'Eiters': int} (no relation module).
+
+Every read uses torch.load(weights_only=True) with argparse.Namespace as the only allowed class
+beyond tensors and plain containers: no code inside a checkpoint ever runs.
+"""
+import argparse
+import os
+import pickle
+import tempfile
+
+import torch
+
+from lib.errors import UserError
+
+FORMAT = 'hrem-ckpt/1'
+# Some transformers versions register this buffer in the state dict, others do not.
+VERSION_DEPENDENT_KEYS = {'bert.embeddings.position_ids'}
+# Options that define the architecture (taken from a checkpoint when evaluating it).
+ARCH_KEYS = ('embed_size', 'nhead', 'residual_weight', 'mlp_last_bn', 'num_layers_enc', 'topk')
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`:
+    a crash mid-write leaves the previous file intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise UserError(f'could not write checkpoint {path}: {err.strerror or err} '
+                            '(disk full or not writable?); the previous checkpoint is untouched') from err
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_raw(path):
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint {path} does not exist')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f'refusing to load {path}: it holds objects other than tensors, numbers, strings, '
+                        f'containers and argparse.Namespace ({first}). Nothing from it was run') from err
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise UserError(f'{path} is not a readable checkpoint (truncated or not a .pth file: {err}); '
+                        'use another checkpoint, e.g. checkpoint_last.pth or model_best.pth of the run') from err
+
+
+def is_authors_format(ckpt):
+    return isinstance(ckpt, dict) and isinstance(ckpt.get('model'), (list, tuple)) and 'opt' in ckpt
+
+
+def from_authors(ckpt):
+    """The authors' dict -> ours (no relation module, no optimizer)."""
+    img_state, txt_state = ckpt['model']
+    opt = ckpt.get('opt')
+    args = dict(vars(opt)) if isinstance(opt, argparse.Namespace) else {}
+    return {'format': 'authors', 'model': {'img_enc': dict(img_state), 'txt_enc': dict(txt_state), 'relation': None},
+            'args': args, 'epoch': int(ckpt.get('epoch', 0)), 'iteration': int(ckpt.get('Eiters', 0)),
+            'best_rsum': float(ckpt.get('best_rsum', 0.0))}
+
+
+def to_authors(ckpt):
+    """Ours -> the authors' dict, loadable by their code (their opt keys take our values)."""
+    return {'model': [ckpt['model']['img_enc'], ckpt['model']['txt_enc']],
+            'opt': argparse.Namespace(**ckpt['args']), 'epoch': ckpt['epoch'],
+            'best_rsum': ckpt['best_rsum'], 'Eiters': ckpt['iteration']}
+
+
+def read_checkpoint(path):
+    """Read ours or the authors' checkpoint, returned in our layout."""
+    ckpt = read_raw(path)
+    if is_authors_format(ckpt):
+        ckpt = from_authors(ckpt)
+    elif not (isinstance(ckpt, dict) and ckpt.get('format') == FORMAT):
+        raise UserError(f'{path} is not an HREM checkpoint (neither this project\'s format nor the authors\'); '
+                        'pass a model_best.pth or checkpoint_last.pth')
+    for part in ('img_enc', 'txt_enc'):
+        if not isinstance(ckpt['model'].get(part), dict) or not ckpt['model'][part]:
+            raise UserError(f'{path} has no {part} weights')
+    return ckpt
+
+
+def architecture(ckpt):
+    """Sizes read off the weights themselves: image feature size, embedding size, text hidden size."""
+    img, txt = ckpt['model']['img_enc'], ckpt['model']['txt_enc']
+    try:
+        embed_size, img_dim = img['fc.fc.weight'].shape
+        hidden = txt['linear.weight'].shape[1]
+    except KeyError as err:
+        raise UserError(f'checkpoint lacks {err.args[0]}: it is not an HREM model') from err
+    return {'img_dim': int(img_dim), 'embed_size': int(embed_size), 'text_hidden': int(hidden)}
+
+
+def load_module_state(module, state, name, source):
+    """load_state_dict with one clear error for missing/unexpected keys or shape mismatches;
+    tolerates exactly the version-dependent position_ids buffer."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state) - VERSION_DEPENDENT_KEYS)
+    unexpected = sorted(set(state) - set(own) - VERSION_DEPENDENT_KEYS)
+    mismatched = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in sorted(set(own) & set(state))
+                  if tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f'missing keys {missing[:5]}' + (f' (+{len(missing) - 5} more)' if len(missing) > 5 else ''))
+    if unexpected:
+        problems.append(f'unexpected keys {unexpected[:5]}'
+                        + (f' (+{len(unexpected) - 5} more)' if len(unexpected) > 5 else ''))
+    problems += [f'{k}: checkpoint {a} vs model {b}' for k, a, b in mismatched[:5]]
+    if problems:
+        raise UserError(f'{source}: {name} weights do not fit this model: ' + '; '.join(problems)
+                        + '. Is the checkpoint of another architecture (embedding size, text model)? '
+                          'Pass the matching --bert_path / options')
+    filtered = {k: v for k, v in state.items() if k in own}
+    for k in VERSION_DEPENDENT_KEYS & set(own) - set(state):
+        filtered[k] = own[k]
+    module.load_state_dict(filtered, strict=True)
+
+
+def load_model_weights(model, ckpt, source, relation=True):
+    load_module_state(model.img_enc, ckpt['model']['img_enc'], 'image encoder', source)
+    load_module_state(model.txt_enc, ckpt['model']['txt_enc'], 'text encoder', source)
+    if relation and ckpt['model'].get('relation') is not None:
+        load_module_state(model.relation, ckpt['model']['relation'], 'relation module', source)
+
+
+def make_checkpoint(model, args, epoch, iteration, best_rsum, optimizer=None, scheduler=None, scaler=None):
+    def cpu(state):
+        return {k: v.detach().cpu() for k, v in state.items()}
+    return {'format': FORMAT,
+            'model': {'img_enc': cpu(model.img_enc.state_dict()), 'txt_enc': cpu(model.txt_enc.state_dict()),
+                      'relation': cpu(model.relation.state_dict())},
+            'args': dict(vars(args)), 'epoch': epoch, 'iteration': iteration, 'best_rsum': best_rsum,
+            'optimizer': optimizer.state_dict() if optimizer else None,
+            'scheduler': scheduler.state_dict() if scheduler else None,
+            'scaler': scaler.state_dict() if scaler and scaler.is_enabled() else None}

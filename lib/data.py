@@ -1,0 +1,224 @@
+"""The SCAN "precomp" layout: reading, validating, tokenising, augmenting and batching.
+
+<data_path>/<dataset>_precomp/<split>_ims.npy   float (N_images, R, D), memory-mapped
+<data_path>/<dataset>_precomp/<split>_caps.txt  one caption per line; caption i belongs to image
+                                                i // 5 (five per image) or i (one per image)
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lib.errors import UserError
+
+DEV_CAPTION_CAP = 5000  # the authors evaluate dev on its first 5000 captions (1000 images)
+
+# Word-level text augmentation (training only): a word is perturbed with this probability,
+# then masked / replaced by a random token / deleted with these shares.
+WORD_PERTURB_PROB = 0.2
+MASK_SHARE, RANDOM_SHARE = 0.5, 0.1  # the remaining 0.4 deletes the word
+REGION_DROP_PROB = 0.2
+
+
+def split_files(data_path, dataset, split):
+    folder = os.path.join(data_path, f'{dataset}_precomp')
+    return os.path.join(folder, f'{split}_ims.npy'), os.path.join(folder, f'{split}_caps.txt')
+
+
+def load_images(path):
+    """Memory-map a region-feature array and check its shape and values' type."""
+    if not os.path.isfile(path):
+        raise UserError(f'missing feature file {path}; see README "Data" for the precomp layout '
+                        '(or check --data_path / --dataset)')
+    try:
+        images = np.load(path, mmap_mode='r')
+    except (ValueError, OSError) as err:
+        raise UserError(f'{path} is not a readable .npy array ({err}); re-create or re-download it') from err
+    if images.ndim != 3:
+        raise UserError(f'{path} has shape {images.shape}; expected (n_images, n_regions, feature_size)')
+    if not np.issubdtype(images.dtype, np.floating):
+        raise UserError(f'{path} holds {images.dtype} values; region features must be floating point')
+    if images.shape[0] == 0 or images.shape[1] == 0:
+        raise UserError(f'{path} has shape {images.shape}: no images or no regions')
+    return images
+
+
+def load_captions(path):
+    if not os.path.isfile(path):
+        raise UserError(f'missing caption file {path}; see README "Data" for the precomp layout')
+    with open(path, encoding='utf-8') as f:
+        captions = [line.rstrip('\n').strip() for line in f]
+    empty = [i + 1 for i, c in enumerate(captions) if not c]
+    if empty:
+        shown = ', '.join(map(str, empty[:5])) + (' ...' if len(empty) > 5 else '')
+        raise UserError(f'{path} has {len(empty)} empty caption line(s) (line {shown}); '
+                        'every line must hold one caption')
+    return captions
+
+
+def captions_per_image(n_images, n_captions, caps_path, ims_path):
+    if n_captions == 5 * n_images:
+        return 5
+    if n_captions == n_images:
+        return 1
+    raise UserError(f'{caps_path} has {n_captions} captions for {n_images} images in {ims_path}; '
+                    'the caption count must equal the image count or be five times it')
+
+
+@dataclass
+class TokenizedCaptions:
+    """All captions tokenised once, as flat word-piece ids with the word each piece belongs to."""
+    ids: np.ndarray        # int32, every caption's pieces concatenated (no [CLS]/[SEP])
+    word_index: np.ndarray  # int32, per piece: index of its word inside its caption
+    offsets: np.ndarray    # int64, caption c is ids[offsets[c]:offsets[c + 1]]
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def pieces(self, c):
+        s, e = self.offsets[c], self.offsets[c + 1]
+        return self.ids[s:e], self.word_index[s:e]
+
+
+def tokenize_captions(tokenizer, captions):
+    # Words are split as BERT's basic tokenizer does (whitespace and punctuation); word_ids()
+    # of the fast tokenizer says which word each piece came from (transformers 4.x and 5.x).
+    enc = tokenizer(list(captions), add_special_tokens=False)
+    ids, words, offsets = [], [], [0]
+    for i, piece_ids in enumerate(enc['input_ids']):
+        ids.extend(piece_ids)
+        words.extend(enc.word_ids(i))
+        offsets.append(offsets[-1] + len(piece_ids))
+    return TokenizedCaptions(np.asarray(ids, np.int32), np.asarray(words, np.int32),
+                             np.asarray(offsets, np.int64))
+
+
+class TextSpec:
+    """What caption encoding needs to know about the tokenizer."""
+
+    def __init__(self, tokenizer, max_len=512):
+        self.cls_id = tokenizer.cls_token_id
+        self.sep_id = tokenizer.sep_token_id
+        self.mask_id = tokenizer.mask_token_id
+        self.vocab_size = len(tokenizer)
+        self.max_len = min(max_len, tokenizer.model_max_length)
+
+    def encode(self, piece_ids, word_index, rng=None):
+        """[CLS] + pieces + [SEP]; with an rng, each word is masked/replaced/deleted with prob 0.2."""
+        piece_ids = piece_ids.astype(np.int64)
+        if rng is not None and len(piece_ids):
+            n_words = int(word_index.max()) + 1
+            u = rng.random(n_words)
+            perturbed = u < WORD_PERTURB_PROB
+            share = u / WORD_PERTURB_PROB
+            masked = perturbed & (share < MASK_SHARE)
+            replaced = perturbed & (share >= MASK_SHARE) & (share < MASK_SHARE + RANDOM_SHARE)
+            deleted = perturbed & (share >= MASK_SHARE + RANDOM_SHARE)
+            piece_ids = piece_ids.copy()
+            piece_ids[masked[word_index]] = self.mask_id
+            replace_at = replaced[word_index]
+            piece_ids[replace_at] = rng.integers(0, self.vocab_size, int(replace_at.sum()))
+            piece_ids = piece_ids[~deleted[word_index]]
+        piece_ids = piece_ids[:self.max_len - 2]
+        return np.concatenate(([self.cls_id], piece_ids, [self.sep_id]))
+
+
+class PrecompSplit:
+    """One split of a precomp dataset: memory-mapped regions and tokenised captions."""
+
+    def __init__(self, data_path, dataset, split, tokenizer, max_captions=None):
+        self.ims_path, self.caps_path = split_files(data_path, dataset, split)
+        self.images = load_images(self.ims_path)
+        captions = load_captions(self.caps_path)
+        self.per_image = captions_per_image(len(self.images), len(captions), self.caps_path, self.ims_path)
+        if split == 'dev' and max_captions is None:
+            max_captions = DEV_CAPTION_CAP
+        if max_captions is not None and max_captions < len(captions):
+            # keep whole images: the first max_captions captions and the images they belong to
+            n_images = max_captions // self.per_image
+            captions = captions[:n_images * self.per_image]
+            self.images = self.images[:n_images]
+        self.captions = captions
+        self.tokens = tokenize_captions(tokenizer, captions)
+        self.text = TextSpec(tokenizer)
+
+    @property
+    def n_images(self):
+        return len(self.images)
+
+    @property
+    def feature_size(self):
+        return self.images.shape[2]
+
+    def image_of_caption(self, c):
+        return c // self.per_image
+
+    def check_finite(self, chunk=512):
+        """Fail on NaN/inf features (checked in chunks: the array stays memory-mapped)."""
+        for start in range(0, self.n_images, chunk):
+            block = np.asarray(self.images[start:start + chunk])
+            if not np.isfinite(block).all():
+                bad = start + int(np.nonzero(~np.isfinite(block).reshape(len(block), -1).all(1))[0][0])
+                raise UserError(f'{self.ims_path} holds NaN or infinite values (first at image {bad}); '
+                                're-extract the features')
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """One item per caption: (regions, token ids, caption index, image index).
+
+    Augmentation randomness comes from (seed, epoch, caption index), so a run is repeatable
+    and resumable whatever the number of workers.
+    """
+
+    def __init__(self, split, seed=0, size_augment=True, text_augment=True):
+        self.split = split
+        self.seed = seed
+        self.size_augment = size_augment
+        self.text_augment = text_augment
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.split.tokens)
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        img_index = self.split.image_of_caption(index)
+        image = np.asarray(self.split.images[img_index], dtype=np.float32)
+        if self.size_augment:
+            keep = rng.random(len(image)) > REGION_DROP_PROB
+            if not keep.any():  # never hand an image with no region to the encoder
+                keep[rng.integers(len(image))] = True
+            image = image[keep]
+        ids = self.split.text.encode(*self.split.tokens.pieces(index), rng if self.text_augment else None)
+        return image, ids, index, img_index
+
+
+def pad_regions(images):
+    """List of (R_i, D) arrays -> zero-padded (B, max R, D) tensor and lengths."""
+    lengths = torch.tensor([len(im) for im in images])
+    out = torch.zeros(len(images), int(lengths.max()), images[0].shape[-1])
+    for i, im in enumerate(images):
+        out[i, :len(im)] = torch.as_tensor(im)
+    return out, lengths
+
+
+def pad_tokens(token_lists):
+    """List of id arrays -> (B, max L) int64 padded with 0 ([PAD]) and lengths."""
+    lengths = torch.tensor([len(t) for t in token_lists])
+    out = torch.zeros(len(token_lists), int(lengths.max()), dtype=torch.long)
+    for i, t in enumerate(token_lists):
+        out[i, :len(t)] = torch.as_tensor(t)
+    return out, lengths
+
+
+def collate(items):
+    images, ids, cap_index, img_index = zip(*items)
+    regions, region_lengths = pad_regions(images)
+    tokens, token_lengths = pad_tokens(ids)
+    return {'regions': regions, 'region_lengths': region_lengths, 'tokens': tokens,
+            'token_lengths': token_lengths, 'caption_ids': torch.tensor(cap_index),
+            'img_ids': torch.tensor(img_index)}

@@ -1,0 +1,91 @@
+"""The built-in demo set: synthetic region features in the precomp layout, with captions that
+name what the regions encode.
+
+Every image shows a scene and one to three objects, each with a colour. A region vector is the
+sum of fixed random prototypes (object + colour, or scene) plus noise; other regions are noise.
+Captions describe the scene and some of the objects, so images that share objects or scenes
+but differ in colours are hard negatives. Generation is deterministic (fixed seed).
+"""
+import os
+
+import numpy as np
+
+OBJECTS = ['dog', 'cat', 'horse', 'bird', 'man', 'woman', 'child', 'car', 'bicycle', 'boat', 'ball', 'umbrella']
+COLORS = ['red', 'blue', 'green', 'black', 'white', 'yellow', 'brown', 'orange']
+SCENES = ['beach', 'street', 'park', 'kitchen', 'field', 'forest', 'lake', 'snow']
+
+SPLITS = {'train': 1500, 'dev': 300, 'test': 500}
+N_REGIONS = 12
+FEATURE_SIZE = 512
+NOISE = 0.6
+SEED = 1234
+
+TEMPLATES_ONE = ['a {c0} {o0} in the {s}', 'a photo of a {c0} {o0} at the {s}', 'there is a {c0} {o0} near the {s}',
+                 'the {s} with a {c0} {o0}', 'a {o0} that is {c0} in a {s}']
+TEMPLATES_TWO = ['a {c0} {o0} and a {c1} {o1} in the {s}', 'a {c1} {o1} next to a {c0} {o0} at the {s}',
+                 'the {s} with a {c0} {o0} and a {c1} {o1}', 'a {o0} and a {o1} in a {s}, the {o0} is {c0}',
+                 'a {c0} {o0} near a {o1} in the {s}']
+
+
+def _image(rng):
+    n_obj = int(rng.integers(1, 4))
+    objects = rng.choice(len(OBJECTS), n_obj, replace=False)
+    colors = rng.integers(0, len(COLORS), n_obj)
+    return int(rng.integers(len(SCENES))), list(objects), list(colors)
+
+
+def _regions(rng, protos, scene, objects, colors):
+    obj_p, col_p, scene_p = protos
+    feats = NOISE * rng.standard_normal((N_REGIONS, FEATURE_SIZE))
+    slots = rng.permutation(N_REGIONS)
+    feats[slots[:2]] += scene_p[scene]                      # two scene regions
+    for j, (o, c) in enumerate(zip(objects, colors)):      # two regions per object
+        feats[slots[2 + 2 * j:4 + 2 * j]] += obj_p[o] + col_p[c]
+    return np.maximum(feats, 0)  # BUTD features are post-ReLU, non-negative
+
+
+def _captions(rng, scene, objects, colors):
+    words = [(OBJECTS[o], COLORS[c]) for o, c in zip(objects, colors)]
+    out = []
+    for _ in range(5):
+        if len(words) == 1 or rng.random() < 0.3:
+            (o0, c0), = [words[int(rng.integers(len(words)))]]
+            t = TEMPLATES_ONE[int(rng.integers(len(TEMPLATES_ONE)))]
+            out.append(t.format(o0=o0, c0=c0, s=SCENES[scene]))
+        else:
+            i, j = rng.choice(len(words), 2, replace=False)
+            t = TEMPLATES_TWO[int(rng.integers(len(TEMPLATES_TWO)))]
+            out.append(t.format(o0=words[i][0], c0=words[i][1], o1=words[j][0], c1=words[j][1], s=SCENES[scene]))
+    return out
+
+
+def make_demo(folder):
+    """Write <folder>/{train,dev,test}_{ims.npy,caps.txt}. Returns the folder."""
+    rng = np.random.default_rng(SEED)
+    protos = (rng.standard_normal((len(OBJECTS), FEATURE_SIZE)), rng.standard_normal((len(COLORS), FEATURE_SIZE)),
+              rng.standard_normal((len(SCENES), FEATURE_SIZE)))
+    os.makedirs(folder, exist_ok=True)
+    for split, n in SPLITS.items():
+        feats = np.empty((n, N_REGIONS, FEATURE_SIZE), np.float32)
+        caps = []
+        for i in range(n):
+            scene, objects, colors = _image(rng)
+            feats[i] = _regions(rng, protos, scene, objects, colors)
+            caps += _captions(rng, scene, objects, colors)
+        # write then rename, so an interrupted first run never leaves half a dataset
+        tmp = os.path.join(folder, f'.{split}_ims.npy')
+        np.save(tmp, feats)
+        with open(os.path.join(folder, f'.{split}_caps.txt'), 'w') as f:
+            f.write('\n'.join(caps) + '\n')
+        os.replace(tmp, os.path.join(folder, f'{split}_ims.npy'))
+        os.replace(os.path.join(folder, f'.{split}_caps.txt'), os.path.join(folder, f'{split}_caps.txt'))
+    return folder
+
+
+def ensure_demo(data_path):
+    """Create data_path/demo_precomp on first use."""
+    folder = os.path.join(data_path, 'demo_precomp')
+    if not all(os.path.isfile(os.path.join(folder, f'{s}_{k}')) for s in SPLITS for k in ('ims.npy', 'caps.txt')):
+        print(f'creating the demo set in {folder} (deterministic, a few seconds)')
+        make_demo(folder)
+    return folder

@@ -1,0 +1,70 @@
+"""Matching losses on a batch of normalised image and caption embeddings (both directions).
+
+Positives are pairs with the same image id; they are never used as negatives. Losses are sums
+over the batch, as in the authors' code. Everything is computed in fp32.
+"""
+import torch
+import torch.nn.functional as F
+
+DWS_MIN_DISTANCE = 0.5  # distance-weighted sampling clamps distances below this
+DWS_DIM = 512           # the "n" of the distance distribution on the unit sphere
+
+
+def positive_mask(img_ids):
+    return img_ids[:, None] == img_ids[None, :]
+
+
+def vse_loss(sims, pos, margin=0.2, max_violation=True):
+    """VSE++: hinge against the hardest negative (or the sum over all negatives).
+
+    sims: (B, B) image x caption; pair i (image i, caption i) is the positive of row/column i.
+    """
+    diag = sims.diagonal()[:, None]
+    cost_cap = (margin + sims - diag).clamp(min=0).masked_fill(pos, 0)     # image anchors
+    cost_img = (margin + sims - diag.t()).clamp(min=0).masked_fill(pos, 0)  # caption anchors
+    if max_violation:
+        return cost_cap.max(dim=1).values.sum() + cost_img.max(dim=0).values.sum()
+    return cost_cap.sum() + cost_img.sum()
+
+
+def distance_weighted_triplet(sims, pos, margin=0.2, cutoff=1.7, generator=None):
+    """Distance-weighted negative sampling (Wu et al., ICCV 2017), rows are anchors.
+
+    For every positive pair (a, p) one negative n of row a is drawn with probability
+    proportional to q(d)^-1 (d = sqrt(2 - 2 s), the inverse density of distances between
+    random points on the n-sphere), restricted to d < cutoff; loss relu(margin + s_an - s_ap).
+    A row with no eligible negative contributes 0.
+    """
+    neg = ~pos
+    dist = (2 - 2 * sims).clamp(min=0).sqrt().clamp(min=DWS_MIN_DISTANCE)
+    log_w = (2.0 - DWS_DIM) * dist.log() - ((DWS_DIM - 3) / 2.0) * (1.0 - 0.25 * dist * dist).log()
+    log_w = torch.where(torch.isfinite(log_w), log_w * neg, torch.zeros_like(log_w))
+    weight = (log_w - log_w.max(dim=1, keepdim=True).values).exp()
+    weight = weight * (neg & (dist < cutoff))
+    weight = weight / (weight.sum(dim=1, keepdim=True) + 1e-20)
+
+    anchor, positive = pos.nonzero(as_tuple=True)
+    w = weight[anchor].detach()
+    has_negative = w.sum(dim=1) > 0
+    # rows without an eligible negative draw from a dummy uniform row and are zeroed below
+    w = torch.where(has_negative[:, None], w, torch.ones_like(w))
+    negative = torch.multinomial(w, 1, generator=generator).squeeze(1)
+    loss = F.relu(margin + sims[anchor, negative] - sims[anchor, positive])
+    return (loss * has_negative).sum()
+
+
+class MatchingLoss:
+    """l(v, t) in both directions: image anchors over captions and caption anchors over images."""
+
+    def __init__(self, kind, margin=0.2, cutoff=1.7):
+        if kind not in ('trip', 'vse'):
+            raise ValueError(f'unknown loss {kind!r}')
+        self.kind, self.margin, self.cutoff = kind, margin, cutoff
+
+    def __call__(self, img, cap, img_ids, max_violation=True):
+        sims = img.float() @ cap.float().t()
+        pos = positive_mask(img_ids)
+        if self.kind == 'vse':
+            return vse_loss(sims, pos, self.margin, max_violation)
+        return (distance_weighted_triplet(sims, pos, self.margin, self.cutoff)
+                + distance_weighted_triplet(sims.t(), pos.t(), self.margin, self.cutoff))

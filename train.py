@@ -1,0 +1,200 @@
+"""Train HREM. `python train.py` trains the built-in demo; see README for Flickr30K and COCO.
+
+Single process (CPU or one GPU) or `torchrun --nproc_per_node N train.py ...`.
+"""
+import logging
+import math
+import os
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.tensorboard import SummaryWriter
+
+import arguments
+from lib import checkpoint as ckpt_lib
+from lib import run_folder
+from lib.data import PrecompSplit, TrainDataset, collate
+from lib.demo_data import ensure_demo
+from lib.distributed import barrier, cleanup, init_distributed
+from lib.engine import TrainState, train_one_epoch, unwrap, validate
+from lib.errors import UserError, exit_on_user_error
+from lib.evaluation import evaluate_sims, format_result, save_sims
+from lib.model import HREM, build_optimizer
+from lib.precision import grad_scaler
+from lib.text_model import load_text_backbone, load_tokenizer
+
+logger = logging.getLogger('hrem')
+
+# Options a resumed run may change; everything else is taken from the checkpoint.
+RESUME_OVERRIDES = ('device', 'workers', 'resume', 'max_steps', 'num_epochs', 'log_step', 'eval_batch_size',
+                    'data_path', 'bert_path', 'max_nonfinite')
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_args(argv):
+    args = arguments.parse_train_args(argv)
+    if args.resume:
+        saved = ckpt_lib.read_checkpoint(args.resume)
+        if saved['format'] != ckpt_lib.FORMAT or saved.get('optimizer') is None:
+            raise UserError(f'{args.resume} cannot be resumed (no optimizer state); '
+                            'use --init_from to start a new run from its weights')
+        cli = vars(args)
+        merged = {**saved['args'], **{k: cli[k] for k in RESUME_OVERRIDES}}
+        merged['logger_name'] = os.path.dirname(os.path.abspath(args.resume))
+        args = arguments.argparse.Namespace(**merged)
+        return args, saved
+    return args, None
+
+
+def check_args(args, env):
+    if args.batch_size < 2:
+        raise UserError(f'--batch_size {args.batch_size}: a batch needs at least 2 pairs to have negatives')
+    if args.batch_size % env.world_size:
+        raise UserError(f'--batch_size {args.batch_size} is the global batch; it must divide evenly over '
+                        f'{env.world_size} processes')
+    if int(args.batch_size * args.threshold) < 1:
+        raise UserError(f'--threshold {args.threshold} keeps no connection in a batch of {args.batch_size}; '
+                        'raise it so that batch_size * threshold >= 1')
+    if args.embed_size % args.nhead:
+        raise UserError(f'--embed_size {args.embed_size} must be divisible by --nhead {args.nhead}')
+    if args.resume and args.init_from:
+        raise UserError('--resume continues a run, --init_from starts a new one from weights: give one of them')
+
+
+def make_loader(split, args, env):
+    dataset = TrainDataset(split, args.seed, bool(args.size_augment), bool(args.text_augment))
+    # one code path for 1 or N processes: each rank takes its share of every shuffled epoch
+    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    per_rank = args.batch_size // env.world_size
+    if len(dataset) // env.world_size < per_rank:
+        raise UserError(f'the training split has {len(dataset)} captions, fewer than one batch of '
+                        f'{args.batch_size}; lower --batch_size')
+    loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
+                        collate_fn=collate, drop_last=True, pin_memory=env.device.type == 'cuda')
+    return loader, dataset, sampler
+
+
+def evaluate_best(model, args, env, tokenizer, writer):
+    """Evaluate model_best.pth on the dataset's test protocol; write results.json and sims."""
+    folder = args.logger_name
+    best = ckpt_lib.read_checkpoint(os.path.join(folder, run_folder.BEST))
+    ckpt_lib.load_model_weights(unwrap(model), best, os.path.join(folder, run_folder.BEST))
+    split_name = arguments.test_split_of(args.dataset)
+    split = PrecompSplit(args.data_path, args.dataset, split_name, tokenizer)
+    logger.info(f'evaluating model_best.pth (epoch {best["epoch"]}) on {split_name}')
+    _, sims = validate(model, split, args, env)
+    results = evaluate_sims(sims, fold5=args.dataset == 'coco' and split.n_images == 5000)
+    for r in results[1:]:
+        logger.info(format_result(r))
+    run_folder.write_results(folder, results, {'split': split_name, 'checkpoint': run_folder.BEST,
+                                               'epoch': best['epoch']})
+    save_sims(os.path.join(folder, f'results_{args.dataset}.npy'), sims)
+    if writer is not None:
+        writer.add_scalar('test/rsum', results[0]['rsum'], best['iteration'])
+    return results
+
+
+@exit_on_user_error
+def main(argv=None):
+    args, resume_ckpt = resolve_args(argv)
+    env = init_distributed(args.device)
+    check_args(args, env)
+    args.device = str(env.device)
+    if args.dataset == 'demo':
+        if env.is_main:
+            ensure_demo(args.data_path)
+        barrier(env)
+
+    folder = args.logger_name
+    if env.is_main:
+        run_folder.prepare_run_folder(folder, resuming=resume_ckpt is not None, overwrite=args.overwrite)
+        run_folder.write_options(folder, args)
+    barrier(env)
+    run_folder.setup_logger(folder, append=resume_ckpt is not None, enabled=env.is_main)
+    logger.info(f'run folder {folder}; device {env.device} x {env.world_size} process(es); precision {args.precision}')
+
+    tokenizer = load_tokenizer(args.bert_path)
+    train_split = PrecompSplit(args.data_path, args.dataset, 'train', tokenizer)
+    val_split = PrecompSplit(args.data_path, args.dataset, args.val_split, tokenizer)
+    if val_split.feature_size != train_split.feature_size:
+        raise UserError(f'{val_split.ims_path} has feature size {val_split.feature_size}, '
+                        f'{train_split.ims_path} has {train_split.feature_size}')
+    logger.info(f'train: {train_split.n_images} images, {len(train_split.captions)} captions; '
+                f'{args.val_split}: {val_split.n_images} images, {len(val_split.captions)} captions')
+
+    init = resume_ckpt or (ckpt_lib.read_checkpoint(args.init_from) if args.init_from else None)
+    bert = load_text_backbone(args.bert_path, pretrained=init is None)
+    model = HREM(args, train_split.feature_size, bert)
+    if init is not None:
+        source = args.resume or args.init_from
+        arch = ckpt_lib.architecture(init)
+        if arch['img_dim'] != train_split.feature_size:
+            raise UserError(f'{source} expects {arch["img_dim"]}-d region features; {train_split.ims_path} '
+                            f'has {train_split.feature_size}')
+        ckpt_lib.load_model_weights(model, init, source, relation=resume_ckpt is not None)
+    model.to(env.device)
+    optimizer, scheduler = build_optimizer(model, args)
+    scaler = grad_scaler(env.device, args.precision)
+    state = TrainState()
+    if resume_ckpt is not None:
+        optimizer.load_state_dict(resume_ckpt['optimizer'])
+        scheduler.load_state_dict(resume_ckpt['scheduler'])
+        if resume_ckpt.get('scaler'):
+            scaler.load_state_dict(resume_ckpt['scaler'])
+        state = TrainState(resume_ckpt['epoch'], resume_ckpt['iteration'], resume_ckpt['best_rsum'])
+        logger.info(f'resumed from {args.resume}: epoch {state.epoch}, step {state.step}')
+
+    train_model, gather = model, None
+    if env.distributed:
+        from lib.distributed import wrap_ddp
+        train_model, gather = wrap_ddp(model, env)
+
+    loader, dataset, sampler = make_loader(train_split, args, env)
+    # purge_step drops events a killed run logged after its last checkpoint
+    writer = SummaryWriter(folder, purge_step=state.step if resume_ckpt else None) if env.is_main else None
+    logger.info(f'{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; '
+                f'{len(loader)} steps per epoch; relations start at step {args.warmup}')
+
+    for epoch in range(state.epoch, args.num_epochs):
+        state.epoch = epoch
+        # every random choice of an epoch derives from (seed, rank, epoch): resuming repeats it
+        seed_all(args.seed + 1000 * epoch + env.rank)
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        finished = train_one_epoch(train_model, loader, optimizer, scaler, state, args, env, writer, gather)
+        scheduler.step()
+        if env.is_main:
+            results, _ = validate(model, val_split, args, env, state.step, writer)
+            rsum = results[0]['rsum']
+            is_best = rsum > state.best_rsum or not math.isfinite(state.best_rsum)
+            state.best_rsum = max(rsum, state.best_rsum)
+            logger.info(f'epoch {epoch}: {args.val_split} rsum {rsum:.1f} (best {state.best_rsum:.1f})')
+            ckpt = ckpt_lib.make_checkpoint(model, args, epoch + 1, state.step, state.best_rsum,
+                                            optimizer, scheduler, scaler)
+            ckpt_lib.save_atomic(ckpt, os.path.join(folder, run_folder.LAST))
+            if is_best:
+                ckpt_lib.save_atomic(ckpt, os.path.join(folder, run_folder.BEST))
+            writer.flush()
+        barrier(env)
+        if not finished:
+            logger.info(f'stopped after --max_steps {args.max_steps}')
+            break
+
+    if env.is_main:
+        results = evaluate_best(model, args, env, tokenizer, writer)
+        writer.close()
+        logger.info(f'done: test rsum {results[0]["rsum"]:.1f}; results in {os.path.join(folder, run_folder.RESULTS)}')
+    barrier(env)
+    cleanup(env)
+
+
+if __name__ == '__main__':
+    main()
