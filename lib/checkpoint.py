@@ -11,6 +11,7 @@ beyond tensors and plain containers: no code inside a checkpoint ever runs.
 import argparse
 import os
 import pickle
+import re
 import tempfile
 
 import torch
@@ -20,6 +21,12 @@ from lib.errors import UserError
 FORMAT = 'hrem-ckpt/1'
 # Some transformers versions register this buffer in the state dict, others do not.
 VERSION_DEPENDENT_KEYS = {'bert.embeddings.position_ids'}
+# The only class beyond tensors and plain containers that either format needs (the authors' opt).
+SAFE_GLOBALS = [argparse.Namespace]
+# The authors' code (VSEModel, evalrank, the loaders) reads these from opt; ours lacks them, so a
+# converted checkpoint gets their defaults (img_dim is read off the weights).
+AUTHORS_OPT_DEFAULTS = {'no_imgnorm': False, 'no_txtnorm': False, 'multi_gpu': 0, 'mask_repeat': 1,
+                        'save_results': 1, 'gpu_id': 0, 'val_step': 500, 'norm_input': 1, 'cross_loss': 1}
 # Options that define the architecture (taken from a checkpoint when evaluating it).
 ARCH_KEYS = ('embed_size', 'nhead', 'residual_weight', 'mlp_last_bn', 'num_layers_enc', 'topk')
 
@@ -53,15 +60,19 @@ def read_raw(path):
     if not os.path.isfile(path):
         raise UserError(f'checkpoint {path} does not exist')
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f'refusing to load {path}: it holds objects other than tensors, numbers, strings, '
-                        f'containers and argparse.Namespace ({first}). Nothing from it was run') from err
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise UserError(f'{path} is not a readable checkpoint (truncated or not a .pth file: {err}); '
-                        'use another checkpoint, e.g. checkpoint_last.pth or model_best.pth of the run') from err
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        # torch's message leads with advice to disable weights_only; name only the refused class
+        refused = re.search(r'GLOBAL (\S+)', str(err))
+        if isinstance(err, pickle.UnpicklingError) and refused:
+            raise UserError(f'refusing to load {path}: it references {refused.group(1)}, but a checkpoint may only '
+                            'hold tensors, numbers, strings, containers and argparse.Namespace. Nothing from it '
+                            'was run; if you made it yourself, save plain state dicts instead') from err
+        detail = str(err).split('WeightsUnpickler error:')[-1].strip().splitlines()
+        raise UserError(f'{path} is not a readable checkpoint (truncated or not a .pth file: '
+                        f'{detail[0] if detail else type(err).__name__}); use another checkpoint, e.g. '
+                        'checkpoint_last.pth or model_best.pth of the run') from err
 
 
 def is_authors_format(ckpt):
@@ -69,20 +80,26 @@ def is_authors_format(ckpt):
 
 
 def from_authors(ckpt):
-    """The authors' dict -> ours (no relation module, no optimizer)."""
+    """The authors' dict -> ours (no relation module, no optimizer state). Their state keys are
+    ours (the encoders mirror their module names); their opt is kept whole as our args."""
+    if len(ckpt['model']) != 2:
+        raise UserError(f"an authors' checkpoint holds [image_state, text_state]; this one holds "
+                        f"{len(ckpt['model'])} states")
     img_state, txt_state = ckpt['model']
     opt = ckpt.get('opt')
     args = dict(vars(opt)) if isinstance(opt, argparse.Namespace) else {}
-    return {'format': 'authors', 'model': {'img_enc': dict(img_state), 'txt_enc': dict(txt_state), 'relation': None},
+    return {'format': FORMAT, 'model': {'img_enc': dict(img_state), 'txt_enc': dict(txt_state), 'relation': None},
             'args': args, 'epoch': int(ckpt.get('epoch', 0)), 'iteration': int(ckpt.get('Eiters', 0)),
-            'best_rsum': float(ckpt.get('best_rsum', 0.0))}
+            'best_rsum': float(ckpt.get('best_rsum', 0.0)), 'optimizer': None, 'scheduler': None, 'scaler': None}
 
 
 def to_authors(ckpt):
-    """Ours -> the authors' dict, loadable by their code (their opt keys take our values)."""
-    return {'model': [ckpt['model']['img_enc'], ckpt['model']['txt_enc']],
-            'opt': argparse.Namespace(**ckpt['args']), 'epoch': ckpt['epoch'],
-            'best_rsum': ckpt['best_rsum'], 'Eiters': ckpt['iteration']}
+    """Ours -> the authors' dict, loadable by their code: our options over their defaults in opt.
+    The relation module and optimizer state are dropped (their format has no place for them)."""
+    opt = {**AUTHORS_OPT_DEFAULTS, 'img_dim': architecture(ckpt)['img_dim'], **ckpt['args']}
+    return {'model': [dict(ckpt['model']['img_enc']), dict(ckpt['model']['txt_enc'])],
+            'opt': argparse.Namespace(**opt), 'epoch': int(ckpt['epoch']),
+            'best_rsum': float(ckpt['best_rsum']), 'Eiters': int(ckpt['iteration'])}
 
 
 def read_checkpoint(path):
@@ -108,6 +125,13 @@ def architecture(ckpt):
     except KeyError as err:
         raise UserError(f'checkpoint lacks {err.args[0]}: it is not an HREM model') from err
     return {'img_dim': int(img_dim), 'embed_size': int(embed_size), 'text_hidden': int(hidden)}
+
+
+def option_differences(ckpt, args, keys=('nhead', 'residual_weight', 'mlp_last_bn')):
+    """(key, checkpoint value, run value) for options that change the encoders' computation but
+    not any weight shape, so a mismatch would load silently."""
+    return [(k, ckpt['args'][k], getattr(args, k)) for k in keys
+            if k in ckpt['args'] and ckpt['args'][k] != getattr(args, k)]
 
 
 def load_module_state(module, state, name, source):

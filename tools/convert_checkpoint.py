@@ -1,0 +1,48 @@
+"""Convert an HREM checkpoint between this project's format and the authors' (CrossmodalGroup/HREM).
+
+  python tools/convert_checkpoint.py their/model_best.pth ours.pth                       # theirs -> ours
+  python tools/convert_checkpoint.py runs/f30k/model_best.pth theirs.pth --to authors    # ours -> theirs
+
+With --bert_path (the BERT folder for config and vocabulary) every key and shape is first checked
+against a model built from the checkpoint. Their format holds the two encoders only: the relation
+module and optimizer state of our checkpoints are not carried over, and a converted authors'
+checkpoint starts a new run with `train.py --init_from`, not --resume.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lib import checkpoint as ckpt_lib  # noqa: E402
+from lib.errors import UserError, exit_on_user_error  # noqa: E402
+from lib.inference import build_model  # noqa: E402
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('src', help="checkpoint to read (ours or the authors'; read safely, no code runs)")
+    p.add_argument('dst', help='file to write')
+    p.add_argument('--to', default='ours', choices=['ours', 'authors'], help='format of dst')
+    p.add_argument('--bert_path', help='text model folder: check every key and shape against a model first')
+    return p
+
+
+@exit_on_user_error
+def main(argv=None):
+    opts = get_parser().parse_args(argv)
+    if os.path.abspath(opts.src) == os.path.abspath(opts.dst):
+        raise UserError(f'{opts.dst} is the file being converted; write to another path')
+    ckpt = ckpt_lib.read_checkpoint(opts.src)
+    if opts.bert_path:
+        build_model(ckpt, opts.src, opts.bert_path)
+    out = ckpt_lib.to_authors(ckpt) if opts.to == 'authors' else ckpt
+    ckpt_lib.save_atomic(out, opts.dst)
+    arch = ckpt_lib.architecture(ckpt)
+    checked = 'every key checked' if opts.bert_path else 'keys not checked (pass --bert_path to check them)'
+    print(f'{opts.src} -> {opts.dst} ({opts.to} format): embedding {arch["embed_size"]}, regions '
+          f'{arch["img_dim"]}-d, text hidden {arch["text_hidden"]}, epoch {ckpt["epoch"]}; {checked}')
+
+
+if __name__ == '__main__':
+    main()
