@@ -1,0 +1,59 @@
+"""tools/plot_curves.py: reads the loss / rsum events that train.py writes and draws a PNG."""
+import cv2
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from tools import plot_curves
+
+
+def write_run(folder, losses, rsums, purge_step=None):
+    writer = SummaryWriter(str(folder), purge_step=purge_step)
+    for step, value in losses.items():
+        writer.add_scalar('train/loss', value, step)
+    for step, value in rsums.items():
+        writer.add_scalar('val/rsum', value, step)
+    writer.close()
+
+
+def test_reads_the_logged_values(tmp_path):
+    losses = {s: 10.0 / (s + 1) for s in range(30)}
+    rsums = {9: 100.0, 19: 250.5, 29: 300.25}
+    write_run(tmp_path / 'a', losses, rsums)
+    curves = plot_curves.read_scalars(str(tmp_path / 'a'))
+    assert list(curves['train/loss'][0]) == list(losses)
+    np.testing.assert_allclose(curves['train/loss'][1], list(losses.values()), rtol=1e-6)
+    assert list(curves['val/rsum'][0]) == [9, 19, 29]
+    np.testing.assert_allclose(curves['val/rsum'][1], [100.0, 250.5, 300.25])
+
+
+def test_resumed_run_keeps_the_replayed_steps_only(tmp_path):
+    # a run killed after step 9 and resumed from a checkpoint of step 5 (train.py's purge_step)
+    write_run(tmp_path / 'r', {s: 1.0 for s in range(10)}, {})
+    write_run(tmp_path / 'r', {s: 2.0 for s in range(5, 8)}, {}, purge_step=5)
+    steps, values = plot_curves.read_scalars(str(tmp_path / 'r'))['train/loss']
+    assert list(steps) == list(range(8))
+    assert list(values) == [1.0] * 5 + [2.0] * 3
+
+
+def test_smooth_is_a_trailing_mean():
+    values = np.array([1.0, 3.0, 5.0, 7.0, 9.0])
+    expected = [np.mean(values[max(0, i - 1):i + 1]) for i in range(len(values))]
+    np.testing.assert_allclose(plot_curves.smooth(values, 2), expected)
+
+
+def test_png_of_two_runs(tmp_path):
+    write_run(tmp_path / 'a', {s: 5.0 - 0.1 * s for s in range(20)}, {9: 10.0, 19: 20.0})
+    write_run(tmp_path / 'b', {s: 6.0 - 0.2 * s for s in range(20)}, {})  # no validation yet
+    out = tmp_path / 'figs' / 'curves.png'
+    plot_curves.main([str(tmp_path / 'a'), str(tmp_path / 'b'), '--out', str(out)])
+    image = cv2.imread(str(out))
+    assert image is not None and image.shape == (400, 1100, 3)  # figsize (11, 4) at 100 dpi
+    assert image.std() > 10  # something is drawn
+
+
+def test_folder_without_events_is_a_user_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        plot_curves.main([str(tmp_path), '--out', str(tmp_path / 'x.png')])
+    assert exc.value.code == 2
+    assert str(tmp_path) in capsys.readouterr().err
