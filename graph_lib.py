@@ -34,8 +34,8 @@ def region_word_scores(regions, words, word_lengths, topk):
     - cosine word-region matrix, LeakyReLU(0.1); t2i: L2-normalise along words, max over
       regions; i2t: L2-normalise along regions, max over the caption's words.
     """
-    regions = pad_positions(F.normalize(regions, dim=-1), topk)
-    words = pad_positions(words, topk)
+    regions = F.normalize(regions, dim=-1)
+    words = pad_positions(words, topk)  # zero words fill captions up to K when L < K
     n_pos = words.shape[1]
     pos = torch.arange(n_pos, device=words.device)
     in_caption = pos[None, :] < word_lengths[:, None]                     # (Bc, L)
@@ -53,6 +53,8 @@ def region_word_scores(regions, words, word_lengths, topk):
     per_region = F.normalize(sim, dim=3).masked_fill(~in_caption[:, None, :, None], float('-inf'))
     per_region = per_region.amax(dim=2)                                   # (Bc, Bi, R)
     i2t_mean = per_region.mean(-1).t()
+    # zero scores stand in for missing regions when an image has fewer than K
+    per_region = F.pad(per_region, (0, max(0, topk - per_region.shape[-1])))
     i2t_topk = per_region.topk(topk, dim=-1).values.transpose(0, 1)
     return t2i_topk, t2i_mean, i2t_topk, i2t_mean
 
@@ -89,7 +91,11 @@ class InstanceRelation(nn.Module):
         k = int(n * self.threshold)
         with torch.no_grad():
             if self.intra_connect == 'intra':
-                c_ii, c_tt = top_proportion(img @ img.t(), k), top_proportion(cap @ cap.t(), k)
+                # a node always keeps itself (rounding can put a near-duplicate above it)
+                sim_ii, sim_tt = img @ img.t(), cap @ cap.t()
+                sim_ii.fill_diagonal_(float('inf'))
+                sim_tt.fill_diagonal_(float('inf'))
+                c_ii, c_tt = top_proportion(sim_ii, k), top_proportion(sim_tt, k)
             else:  # the authors' code ranks image rows by image-caption similarity (and vice versa)
                 c_ii, c_tt = top_proportion(img @ cap.t(), k), top_proportion(cap @ img.t(), k)
 
@@ -112,8 +118,12 @@ class InstanceRelation(nn.Module):
     def forward(self, img, cap, regions, words, word_lengths):
         """Normalised embeddings (B, E) -> relation-enhanced (v^, t^) and the KL regulariser."""
         connect, relevance, reg = self.relations(img, cap, regions, words, word_lengths)
+        img_hat, cap_hat = self.attend(img, cap, connect, relevance)
+        return img_hat, cap_hat, reg
+
+    def attend(self, img, cap, connect, relevance):
+        """One masked Transformer pass over the 2B nodes: a node attends only to its connections."""
         mask = (self.mask_weight * relevance).masked_fill(~connect, float('-inf'))
         nodes = torch.cat([img, cap], 0)[None]
         out = F.normalize(self.gnn(nodes, mask=mask.to(nodes.dtype))[0], dim=-1)
-        img_hat, cap_hat = out.split(img.shape[0])
-        return img_hat, cap_hat, reg
+        return out.split(img.shape[0])

@@ -59,13 +59,14 @@ def _captions(rng, scene, objects, colors):
     return out
 
 
-def make_demo(folder):
-    """Write <folder>/{train,dev,test}_{ims.npy,caps.txt}. Returns the folder."""
+def make_demo(folder, sizes=None):
+    """Write <folder>/{train,dev,test}_{ims.npy,caps.txt} (`sizes`: images per split, default
+    SPLITS; tests use smaller ones). Returns the folder."""
     rng = np.random.default_rng(SEED)
     protos = (rng.standard_normal((len(OBJECTS), FEATURE_SIZE)), rng.standard_normal((len(COLORS), FEATURE_SIZE)),
               rng.standard_normal((len(SCENES), FEATURE_SIZE)))
     os.makedirs(folder, exist_ok=True)
-    for split, n in SPLITS.items():
+    for split, n in (sizes or SPLITS).items():
         feats = np.empty((n, N_REGIONS, FEATURE_SIZE), np.float32)
         caps = []
         for i in range(n):

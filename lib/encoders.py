@@ -51,8 +51,10 @@ class MLP(nn.Module):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        # the authors create a BN for the output too (it is in their state dict) but never apply it
+        # the authors create a BN for the output too (it is in their state dict) but never apply it;
+        # unused, it is frozen so that no parameter without a gradient reaches the optimizer or DDP
         self.bns = nn.ModuleList(nn.BatchNorm1d(b) for b in dims[1:])
+        self.bns[-1].requires_grad_(last_bn)
         self.last_bn = last_bn
 
     def forward(self, x):

@@ -27,6 +27,21 @@ def vse_loss(sims, pos, margin=0.2, max_violation=True):
     return cost_cap.sum() + cost_img.sum()
 
 
+@torch.no_grad()
+def dws_weights(sims, pos, cutoff):
+    """Per row, the sampling distribution over negatives (all zero when none is eligible).
+
+    Positives' log-weights are zeroed before the row max, as the authors do.
+    """
+    neg = ~pos
+    dist = (2 - 2 * sims).clamp(min=0).sqrt().clamp(min=DWS_MIN_DISTANCE)
+    log_w = (2.0 - DWS_DIM) * dist.log() - ((DWS_DIM - 3) / 2.0) * (1.0 - 0.25 * dist * dist).log()
+    log_w = torch.where(torch.isfinite(log_w), log_w * neg, torch.zeros_like(log_w))
+    weight = (log_w - log_w.max(dim=1, keepdim=True).values).exp()
+    weight = weight * (neg & (dist < cutoff))
+    return weight / (weight.sum(dim=1, keepdim=True) + 1e-20)
+
+
 def distance_weighted_triplet(sims, pos, margin=0.2, cutoff=1.7, generator=None):
     """Distance-weighted negative sampling (Wu et al., ICCV 2017), rows are anchors.
 
@@ -35,16 +50,9 @@ def distance_weighted_triplet(sims, pos, margin=0.2, cutoff=1.7, generator=None)
     random points on the n-sphere), restricted to d < cutoff; loss relu(margin + s_an - s_ap).
     A row with no eligible negative contributes 0.
     """
-    neg = ~pos
-    dist = (2 - 2 * sims).clamp(min=0).sqrt().clamp(min=DWS_MIN_DISTANCE)
-    log_w = (2.0 - DWS_DIM) * dist.log() - ((DWS_DIM - 3) / 2.0) * (1.0 - 0.25 * dist * dist).log()
-    log_w = torch.where(torch.isfinite(log_w), log_w * neg, torch.zeros_like(log_w))
-    weight = (log_w - log_w.max(dim=1, keepdim=True).values).exp()
-    weight = weight * (neg & (dist < cutoff))
-    weight = weight / (weight.sum(dim=1, keepdim=True) + 1e-20)
-
+    weight = dws_weights(sims, pos, cutoff)
     anchor, positive = pos.nonzero(as_tuple=True)
-    w = weight[anchor].detach()
+    w = weight[anchor]
     has_negative = w.sum(dim=1) > 0
     # rows without an eligible negative draw from a dummy uniform row and are zeroed below
     w = torch.where(has_negative[:, None], w, torch.ones_like(w))

@@ -73,14 +73,17 @@ def parameter_groups(model, args):
     """The authors' AdamW groups: text head, BERT at bert_lr_factor x lr, image encoder,
     relation module at graph_lr_factor x lr."""
     lr = args.learning_rate
-    bert = [p for p in model.txt_enc.bert.parameters() if p.requires_grad]
+
+    def trainable(module):
+        return [p for p in module.parameters() if p.requires_grad]
+    bert = trainable(model.txt_enc.bert)
     bert_ids = {id(p) for p in bert}
-    text_head = [p for p in model.txt_enc.parameters() if p.requires_grad and id(p) not in bert_ids]
+    text_head = [p for p in trainable(model.txt_enc) if id(p) not in bert_ids]
     return [
         {'params': text_head, 'lr': lr, 'name': 'text'},
         {'params': bert, 'lr': lr * args.bert_lr_factor, 'name': 'bert'},
-        {'params': list(model.img_enc.parameters()), 'lr': lr, 'name': 'image'},
-        {'params': list(model.relation.parameters()), 'lr': lr * args.graph_lr_factor, 'name': 'relation'},
+        {'params': trainable(model.img_enc), 'lr': lr, 'name': 'image'},
+        {'params': trainable(model.relation), 'lr': lr * args.graph_lr_factor, 'name': 'relation'},
     ]
 
 

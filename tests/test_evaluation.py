@@ -1,0 +1,147 @@
+"""The retrieval protocol (spec section 7) against the authors' argsort loops, and the results files."""
+import os
+
+import numpy as np
+import pytest
+
+from lib import evaluation
+from lib.errors import UserError
+from lib.evaluation import evaluate_sims, i2t_ranks, load_sims, rank_metrics, save_sims, t2i_ranks
+
+
+def naive_i2t(sims):
+    ranks = np.zeros(sims.shape[0])
+    for index in range(sims.shape[0]):
+        inds = np.argsort(sims[index])[::-1]
+        ranks[index] = min(np.where(inds == i)[0][0] for i in range(5 * index, 5 * index + 5))
+    return ranks
+
+
+def naive_t2i(sims):
+    ranks = np.zeros(sims.shape[1])
+    for c in range(sims.shape[1]):
+        inds = np.argsort(sims[:, c])[::-1]
+        ranks[c] = np.where(inds == c // 5)[0][0]
+    return ranks
+
+
+def naive_metrics(ranks):
+    return {'r1': 100.0 * len(np.where(ranks < 1)[0]) / len(ranks),
+            'r5': 100.0 * len(np.where(ranks < 5)[0]) / len(ranks),
+            'r10': 100.0 * len(np.where(ranks < 10)[0]) / len(ranks),
+            'medr': np.floor(np.median(ranks)) + 1, 'meanr': ranks.mean() + 1}
+
+
+def random_sims(n, seed=0, signal=2.0):
+    """Continuous scores (no ties) with some signal, so that recalls are neither 0 nor 100."""
+    rng = np.random.default_rng(seed)
+    sims = rng.standard_normal((n, 5 * n)).astype(np.float32)
+    sims[np.arange(5 * n) // 5, np.arange(5 * n)] += signal * rng.random(5 * n).astype(np.float32)
+    return sims
+
+
+def check_result(result, sims):
+    want_i2t, want_t2i = naive_metrics(naive_i2t(sims)), naive_metrics(naive_t2i(sims))
+    for side, want in (('i2t', want_i2t), ('t2i', want_t2i)):
+        for k, v in want.items():
+            assert result[side][k] == pytest.approx(v, abs=1e-9), (side, k)
+    rsum = sum(want_i2t[k] + want_t2i[k] for k in ('r1', 'r5', 'r10'))
+    assert result['rsum'] == pytest.approx(rsum)
+    assert result['n_images'] == sims.shape[0] and result['n_captions'] == sims.shape[1]
+
+
+def test_ranks_equal_the_argsort_loops():
+    sims = random_sims(120)
+    np.testing.assert_array_equal(i2t_ranks(sims), naive_i2t(sims))
+    np.testing.assert_array_equal(t2i_ranks(sims), naive_t2i(sims))
+
+
+def test_ranks_across_row_chunks(monkeypatch):
+    monkeypatch.setattr(evaluation, 'ROW_CHUNK', 7)
+    sims = random_sims(30, seed=4)
+    np.testing.assert_array_equal(i2t_ranks(sims), naive_i2t(sims))
+    np.testing.assert_array_equal(t2i_ranks(sims), naive_t2i(sims))
+
+
+@pytest.mark.parametrize('seed,signal', [(1, 2.0), (2, 0.5), (3, 6.0)])
+def test_metrics_equal_the_protocol(seed, signal):
+    sims = random_sims(80, seed, signal)
+    check_result(rank_metrics(sims), sims)
+
+
+def test_i2t_meanr_is_not_the_t2i_one():
+    sims = random_sims(60, seed=5, signal=1.0)
+    r = rank_metrics(sims)
+    assert r['i2t']['meanr'] != pytest.approx(r['t2i']['meanr'])
+    assert r['i2t']['meanr'] == pytest.approx(naive_i2t(sims).mean() + 1)
+    assert r['t2i']['meanr'] == pytest.approx(naive_t2i(sims).mean() + 1)
+
+
+def test_fold5_averages_five_diagonal_blocks(monkeypatch):
+    monkeypatch.setattr(evaluation, 'FOLD_IMAGES', 20)
+    sims = random_sims(100, seed=6, signal=1.5)
+    results = evaluate_sims(sims, fold5=True)
+    assert [r['name'] for r in results] == ['full'] + [f'1k-fold{i}' for i in range(5)] + ['1k-mean']
+    check_result(results[0], sims)
+    blocks = [sims[i * 20:(i + 1) * 20, i * 100:(i + 1) * 100] for i in range(5)]
+    for r, block in zip(results[1:6], blocks):
+        check_result(r, block)
+    mean = results[6]
+    for side, naive in (('i2t', naive_i2t), ('t2i', naive_t2i)):
+        for k in ('r1', 'r5', 'r10', 'medr', 'meanr'):
+            want = np.mean([naive_metrics(naive(b))[k] for b in blocks])
+            assert mean[side][k] == pytest.approx(want)
+    assert mean['rsum'] == pytest.approx(np.mean([r['rsum'] for r in results[1:6]]))
+    assert mean['rsum'] < 600  # the mean of the folds, not six times it
+    with pytest.raises(UserError):
+        evaluate_sims(random_sims(30), fold5=True)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    sims = random_sims(12)
+    path = str(tmp_path / 'results_f30k.npy')
+    save_sims(path, sims)
+    loaded = np.load(path, allow_pickle=True).item()  # the authors' reader
+    assert set(loaded) == {'npts', 'sims'} and loaded['npts'] == 12
+    np.testing.assert_array_equal(load_sims(path), sims)
+
+
+@pytest.mark.parametrize('npts_type,dtype', [(int, np.float32), (np.int64, np.float64)])
+def test_load_the_authors_file(tmp_path, npts_type, dtype):
+    sims = random_sims(10).astype(dtype)
+    path = str(tmp_path / 'results_coco.npy')
+    np.save(path, {'npts': npts_type(10), 'sims': sims})  # as their evaluation code writes it
+    np.testing.assert_array_equal(load_sims(path), sims)
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, 'w')
+
+
+def test_load_refuses_a_pickle_that_would_run_code(tmp_path):
+    marker = str(tmp_path / 'pwned')
+    path = str(tmp_path / 'evil.npy')
+    np.save(path, np.array({'npts': 1, 'sims': _Payload(marker)}, dtype=object), allow_pickle=True)
+    with pytest.raises(UserError) as err:
+        load_sims(path)
+    assert 'evil.npy' in str(err.value)
+    assert not os.path.exists(marker)
+    # the payload is live: numpy's own unpickling runs it
+    np.load(path, allow_pickle=True)
+    assert os.path.exists(marker)
+
+
+def test_load_refuses_other_contents(tmp_path):
+    bad_keys = str(tmp_path / 'keys.npy')
+    np.save(bad_keys, {'npts': 2, 'sims': random_sims(2), 'extra': 1})
+    bad_shape = str(tmp_path / 'shape.npy')
+    np.save(bad_shape, {'npts': 4, 'sims': np.zeros((4, 4), np.float32)})
+    for path in (bad_keys, bad_shape, str(tmp_path / 'missing.npy')):
+        with pytest.raises(UserError):
+            load_sims(path)
