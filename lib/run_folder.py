@@ -17,21 +17,38 @@ BEST = 'model_best.pth'
 RESULTS = 'results.json'
 RUN_FILES = (OPTIONS, LOG, LAST, BEST, RESULTS)
 EVENTS_GLOB = 'events.out.tfevents.*'
+# also the run's own: TensorBoard events, the test similarities, temporary files of save_atomic
+RUN_GLOBS = (EVENTS_GLOB, 'results_*.npy', '.*.pth.*.tmp')
+
+
+def run_files(folder):
+    """The files of a run in `folder` (never anything a run does not write)."""
+    found = [os.path.join(folder, f) for f in RUN_FILES]
+    for pattern in RUN_GLOBS:
+        found += glob.glob(os.path.join(glob.escape(folder), pattern))
+    return [p for p in found if os.path.islink(p) or os.path.isfile(p)]
 
 
 def prepare_run_folder(folder, resuming=False, overwrite=False):
     """Create the folder; refuse to mix two runs in one folder unless asked to."""
+    if not folder or not folder.strip():
+        raise UserError('--logger_name is empty; give the folder the run should be written to')
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f'--logger_name {folder} is a file, not a folder')
-    holds_run = os.path.isfile(os.path.join(folder, OPTIONS))
-    if holds_run and not (resuming or overwrite):
-        raise UserError(f'{folder} already holds a run; continue it with --resume {os.path.join(folder, LAST)}, '
+    existing = run_files(folder) if os.path.isdir(folder) else []
+    links = [p for p in existing if os.path.islink(p)]
+    if links:  # writing through a link would change a file outside the run folder
+        raise UserError(f'{links[0]} is a symbolic link; a run writes only real files inside its folder. '
+                        'Remove the link or pick another --logger_name')
+    if existing and not (resuming or overwrite):
+        last = os.path.join(folder, LAST)
+        how = (f'continue it with --resume {last}' if os.path.isfile(last)
+               else 'it has no checkpoint to resume from')
+        raise UserError(f'{folder} already holds a run ({os.path.basename(existing[0])}); {how}, '
                         'pick another --logger_name, or pass --overwrite to replace it')
-    if holds_run and overwrite and not resuming:
-        # remove only what a run writes (never anything else in the folder)
-        for path in [os.path.join(folder, f) for f in RUN_FILES] + glob.glob(os.path.join(folder, EVENTS_GLOB)):
-            if os.path.isfile(path):
-                os.unlink(path)
+    if overwrite and not resuming:
+        for path in existing:  # only what a run writes: other files in the folder stay
+            os.unlink(path)
     os.makedirs(folder, exist_ok=True)
     return folder
 
@@ -44,6 +61,8 @@ def write_options(folder, args):
 def setup_logger(folder=None, append=False, enabled=True):
     """Console and (when folder is given) train.log; quiet on non-main ranks."""
     logger = logging.getLogger('hrem')
+    for handler in logger.handlers:  # an earlier run in this process (tests) may hold train.log open
+        handler.close()
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if enabled else logging.WARNING)
