@@ -40,14 +40,26 @@ def seed_all(seed):
 
 def resolve_args(argv):
     args = arguments.parse_train_args(argv)
+    if args.resume and args.init_from:
+        raise UserError('--resume continues a run, --init_from starts a new one from weights: give one of them')
     if args.resume:
         saved = ckpt_lib.read_checkpoint(args.resume)
         if saved['format'] != ckpt_lib.FORMAT or saved.get('optimizer') is None:
             raise UserError(f'{args.resume} cannot be resumed (no optimizer state); '
                             'use --init_from to start a new run from its weights')
-        cli = vars(args)
-        merged = {**saved['args'], **{k: cli[k] for k in RESUME_OVERRIDES}}
+        # only what the command line names explicitly overrides the run's saved options
+        given, unset = arguments.get_train_parser(), object()
+        given.set_defaults(**{k: unset for k in vars(args)})
+        explicit = {k: v for k, v in vars(given.parse_args(argv)).items() if v is not unset}
+        changed = sorted(k for k, v in explicit.items()
+                         if k not in RESUME_OVERRIDES and k in saved['args'] and v != saved['args'][k])
+        if changed:
+            raise UserError(f'--resume continues the run with its own options; --{changed[0]} cannot change '
+                            f'(the run used {saved["args"][changed[0]]!r}). Options a resumed run may change: '
+                            + ', '.join(f'--{k}' for k in RESUME_OVERRIDES))
+        merged = {**vars(args), **saved['args'], **{k: explicit[k] for k in RESUME_OVERRIDES if k in explicit}}
         merged['logger_name'] = os.path.dirname(os.path.abspath(args.resume))
+        merged['init_from'] = None  # the run's weights now come from --resume
         args = arguments.argparse.Namespace(**merged)
         return args, saved
     return args, None
@@ -64,8 +76,9 @@ def check_args(args, env):
                         'raise it so that batch_size * threshold >= 1')
     if args.embed_size % args.nhead:
         raise UserError(f'--embed_size {args.embed_size} must be divisible by --nhead {args.nhead}')
-    if args.resume and args.init_from:
-        raise UserError('--resume continues a run, --init_from starts a new one from weights: give one of them')
+    if not args.dataset or os.path.basename(args.dataset) != args.dataset or args.dataset in ('.', '..'):
+        raise UserError(f'--dataset {args.dataset!r} must be a plain name (its files are read from '
+                        '<data_path>/<dataset>_precomp/); give the folder above it with --data_path')
 
 
 def make_loader(split, args, env):
@@ -82,13 +95,12 @@ def make_loader(split, args, env):
     return loader, dataset, sampler
 
 
-def evaluate_best(model, args, env, tokenizer, writer):
+def evaluate_best(model, args, env, split, writer):
     """Evaluate model_best.pth on the dataset's test protocol; write results.json and sims."""
     folder = args.logger_name
     best = ckpt_lib.read_checkpoint(os.path.join(folder, run_folder.BEST))
     ckpt_lib.load_model_weights(unwrap(model), best, os.path.join(folder, run_folder.BEST))
     split_name = arguments.test_split_of(args.dataset)
-    split = PrecompSplit(args.data_path, args.dataset, split_name, tokenizer)
     logger.info(f'evaluating model_best.pth (epoch {best["epoch"]}) on {split_name}')
     _, sims = validate(model, split, args, env)
     results = evaluate_sims(sims, fold5=args.dataset == 'coco' and split.n_images == 5000)
@@ -113,6 +125,27 @@ def main(argv=None):
             ensure_demo(args.data_path)
         barrier(env)
 
+    # cheap checks of every input first: nothing is created or built when one fails
+    tokenizer = load_tokenizer(args.bert_path)
+    train_split = PrecompSplit(args.data_path, args.dataset, 'train', tokenizer)
+    val_split = PrecompSplit(args.data_path, args.dataset, args.val_split, tokenizer)
+    test_split = PrecompSplit(args.data_path, args.dataset, arguments.test_split_of(args.dataset), tokenizer)
+    for split in (val_split, test_split):
+        if split.feature_size != train_split.feature_size:
+            raise UserError(f'{split.ims_path} has feature size {split.feature_size}, '
+                            f'{train_split.ims_path} has {train_split.feature_size}')
+        split.check_finite()  # the training split is checked image by image as it is read
+    init = resume_ckpt or (ckpt_lib.read_checkpoint(args.init_from) if args.init_from else None)
+    source = args.resume or args.init_from
+    if init is not None:
+        arch = ckpt_lib.architecture(init)
+        if arch['img_dim'] != train_split.feature_size:
+            raise UserError(f'{source} expects {arch["img_dim"]}-d region features; {train_split.ims_path} has '
+                            f'{train_split.feature_size}')
+        if arch['embed_size'] != args.embed_size:
+            raise UserError(f'{source} has embedding size {arch["embed_size"]}, this run --embed_size '
+                            f'{args.embed_size}; pass --embed_size {arch["embed_size"]}')
+
     folder = args.logger_name
     if env.is_main:
         run_folder.prepare_run_folder(folder, resuming=resume_ckpt is not None, overwrite=args.overwrite)
@@ -120,25 +153,13 @@ def main(argv=None):
     barrier(env)
     run_folder.setup_logger(folder, append=resume_ckpt is not None, enabled=env.is_main)
     logger.info(f'run folder {folder}; device {env.device} x {env.world_size} process(es); precision {args.precision}')
-
-    tokenizer = load_tokenizer(args.bert_path)
-    train_split = PrecompSplit(args.data_path, args.dataset, 'train', tokenizer)
-    val_split = PrecompSplit(args.data_path, args.dataset, args.val_split, tokenizer)
-    if val_split.feature_size != train_split.feature_size:
-        raise UserError(f'{val_split.ims_path} has feature size {val_split.feature_size}, '
-                        f'{train_split.ims_path} has {train_split.feature_size}')
     logger.info(f'train: {train_split.n_images} images, {len(train_split.captions)} captions; '
                 f'{args.val_split}: {val_split.n_images} images, {len(val_split.captions)} captions')
 
-    init = resume_ckpt or (ckpt_lib.read_checkpoint(args.init_from) if args.init_from else None)
     bert = load_text_backbone(args.bert_path, pretrained=init is None)
+    seed_all(args.seed)  # the initial weights depend on the seed only
     model = HREM(args, train_split.feature_size, bert)
     if init is not None:
-        source = args.resume or args.init_from
-        arch = ckpt_lib.architecture(init)
-        if arch['img_dim'] != train_split.feature_size:
-            raise UserError(f'{source} expects {arch["img_dim"]}-d region features; {train_split.ims_path} '
-                            f'has {train_split.feature_size}')
         ckpt_lib.load_model_weights(model, init, source, relation=resume_ckpt is not None)
     model.to(env.device)
     optimizer, scheduler = build_optimizer(model, args)
@@ -172,7 +193,8 @@ def main(argv=None):
         finished = train_one_epoch(train_model, loader, optimizer, scaler, state, args, env, writer, gather)
         scheduler.step()
         if env.is_main:
-            results, _ = validate(model, val_split, args, env, state.step, writer)
+            # logged at the epoch's last step: a resumed run purges events from state.step on
+            results, _ = validate(model, val_split, args, env, state.step - 1, writer)
             rsum = results[0]['rsum']
             is_best = rsum > state.best_rsum or not math.isfinite(state.best_rsum)
             state.best_rsum = max(rsum, state.best_rsum)
@@ -189,7 +211,7 @@ def main(argv=None):
             break
 
     if env.is_main:
-        results = evaluate_best(model, args, env, tokenizer, writer)
+        results = evaluate_best(model, args, env, test_split, writer)
         writer.close()
         logger.info(f'done: test rsum {results[0]["rsum"]:.1f}; results in {os.path.join(folder, run_folder.RESULTS)}')
     barrier(env)

@@ -28,6 +28,10 @@ def split_files(data_path, dataset, split):
 
 def load_images(path):
     """Memory-map a region-feature array and check its shape and values' type."""
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise UserError(f'data folder {folder} does not exist; check --data_path and --dataset '
+                        '(the features are read from <data_path>/<dataset>_precomp/, see README "Data")')
     if not os.path.isfile(path):
         raise UserError(f'missing feature file {path}; see README "Data" for the precomp layout '
                         '(or check --data_path / --dataset)')
@@ -55,6 +59,11 @@ def load_captions(path):
         raise UserError(f'{path} has {len(empty)} empty caption line(s) (line {shown}); '
                         'every line must hold one caption')
     return captions
+
+
+def nonfinite_error(ims_path, image_index):
+    return UserError(f'{ims_path} holds NaN or infinite values (image {image_index}); re-extract the '
+                     'features or remove that image and its captions')
 
 
 def captions_per_image(n_images, n_captions, caps_path, ims_path):
@@ -160,8 +169,7 @@ class PrecompSplit:
             block = np.asarray(self.images[start:start + chunk])
             if not np.isfinite(block).all():
                 bad = start + int(np.nonzero(~np.isfinite(block).reshape(len(block), -1).all(1))[0][0])
-                raise UserError(f'{self.ims_path} holds NaN or infinite values (first at image {bad}); '
-                                're-extract the features')
+                raise nonfinite_error(self.ims_path, bad)
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -188,6 +196,8 @@ class TrainDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         img_index = self.split.image_of_caption(index)
         image = np.asarray(self.split.images[img_index], dtype=np.float32)
+        if not np.isfinite(image).all():  # one image per item: cheap, unlike scanning a 33 GB array up front
+            raise nonfinite_error(self.split.ims_path, img_index)
         if self.size_augment:
             keep = rng.random(len(image)) > REGION_DROP_PROB
             if not keep.any():  # never hand an image with no region to the encoder

@@ -86,6 +86,7 @@ def skip_nonfinite(state, args, optimizer, out, writer):
                    f'({state.nonfinite_in_a_row} in a row, {state.nonfinite_total} in total)')
     if writer is not None:
         writer.add_scalar('train/nonfinite_steps', state.nonfinite_total, state.step)
+        writer.flush()  # rare; on disk even if the run aborts below
     if state.nonfinite_in_a_row >= args.max_nonfinite:
         raise UserError(f'the loss was not finite for {state.nonfinite_in_a_row} steps in a row (at step '
                         f'{state.step}); training stopped. Check the features for NaN/inf, lower --learning_rate, '

@@ -27,7 +27,8 @@ def _check_location(bert_path):
 
 
 def _hub_error(bert_path, err):
-    return UserError(f'could not load the text model {bert_path!r} ({type(err).__name__}: {err}). '
+    first_line = (str(err).strip().splitlines() or [''])[0]
+    return UserError(f'could not load the text model {bert_path!r} ({type(err).__name__}: {first_line}). '
                      'It is not a local folder, and the model hub could not provide it (no network?). '
                      'Download the model into a folder, e.g. data/bert-base-uncased, and pass --bert_path')
 
