@@ -22,7 +22,7 @@ from lib.engine import TrainState, train_one_epoch, unwrap, validate
 from lib.errors import UserError, exit_on_user_error
 from lib.evaluation import evaluate_sims, format_result, save_sims
 from lib.model import HREM, build_optimizer
-from lib.precision import grad_scaler
+from lib.precision import check_precision, grad_scaler
 from lib.text_model import load_text_backbone, load_tokenizer
 
 logger = logging.getLogger('hrem')
@@ -66,6 +66,7 @@ def resolve_args(argv):
 
 
 def check_args(args, env):
+    check_precision(env.device, args.precision)
     if args.batch_size < 2:
         raise UserError(f'--batch_size {args.batch_size}: a batch needs at least 2 pairs to have negatives')
     if args.batch_size % env.world_size:
@@ -176,7 +177,7 @@ def main(argv=None):
     train_model, gather = model, None
     if env.distributed:
         from lib.distributed import wrap_ddp
-        train_model, gather = wrap_ddp(model, env)
+        train_model, gather = wrap_ddp(model, env, args.seed)
 
     loader, dataset, sampler = make_loader(train_split, args, env)
     # purge_step drops events a killed run logged after its last checkpoint

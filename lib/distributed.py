@@ -1,13 +1,27 @@
-"""Process group and device setup in one place, with a single-process fallback.
+"""Process group and device setup in one place, with a single-process fallback, and the
+global batch of distributed training.
 
 Launched by torchrun (RANK/WORLD_SIZE/LOCAL_RANK set): nccl on CUDA, gloo on CPU, one device
 per rank. Otherwise: one process on --device (default CUDA when present, else CPU).
+
+Distributed training computes the same loss as one process with the whole (global) batch:
+every rank encodes its share, GlobalBatch gathers the embeddings and local features of all
+ranks (with gradient), and every rank computes the identical global loss. Gradient scale:
+all_gather's backward sums the W ranks' (identical) gradients of the gathered tensors, so a
+rank's local embeddings receive W x dL/d(local); DDP then averages over W, which leaves
+exactly dL/d(theta), as in one process.
 """
+import contextlib
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_autograd
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from lib.errors import UserError
 
@@ -64,3 +78,72 @@ def barrier(env):
 def cleanup(env):
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_finite(loss, env):
+    """True when the loss is finite on every rank, so that all ranks skip a step together."""
+    finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+    if env.distributed:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+class GlobalBatch:
+    """What HREM.forward needs to see the global batch on every rank.
+
+    - pad_batch: ranks pad regions and token ids to the same (global maximum) sizes before the
+      encoders, as one process pads the whole batch: padded regions enter BatchNorm and the
+      relation module, and word positions up to max(K, length) enter the relation module;
+    - __call__: all_gather with gradient (rank order), so the losses see all B pairs;
+    - shared_rng: the global part of the forward (relation dropout, the trip loss's negative
+      sampling) draws from a stream seeded by (seed, step) that is the same on every rank, so
+      every rank computes the identical loss and the same skip decision.
+    """
+
+    def __init__(self, env, seed=0):
+        self.env, self.seed = env, seed
+
+    def pad_batch(self, batch):
+        sizes = torch.tensor([batch['regions'].shape[1], batch['tokens'].shape[1]], device=batch['tokens'].device)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+        n_regions, n_tokens = sizes.tolist()
+        return {**batch,
+                'regions': F.pad(batch['regions'], (0, 0, 0, n_regions - batch['regions'].shape[1])),
+                'tokens': F.pad(batch['tokens'], (0, n_tokens - batch['tokens'].shape[1]))}
+
+    def __call__(self, img, cap, regions, words, img_ids, word_lengths):
+        def with_grad(x):
+            return torch.cat(dist_autograd.all_gather(x))
+
+        def plain(x):  # integer tensors carry no gradient
+            parts = [torch.empty_like(x) for _ in range(self.env.world_size)]
+            dist.all_gather(parts, x.contiguous())
+            return torch.cat(parts)
+
+        return (with_grad(img), with_grad(cap), with_grad(regions), with_grad(words),
+                plain(img_ids), plain(word_lengths))
+
+    @contextlib.contextmanager
+    def shared_rng(self, step):
+        cuda = self.env.device.type == 'cuda'
+        with torch.random.fork_rng(devices=[self.env.device] if cuda else []):
+            seed = int(np.random.SeedSequence([self.seed, step]).generate_state(1)[0])
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.manual_seed(seed)  # this rank's device only
+            yield
+
+
+def wrap_ddp(model, env, seed=0):
+    """DistributedDataParallel around the model (SyncBatchNorm on CUDA) and its GlobalBatch.
+
+    On CPU, SyncBatchNorm is not supported: BatchNorm normalises with each rank's statistics
+    (the running statistics are rank 0's, broadcast by DDP), the one difference from one process.
+    The relation module is idle before --warmup, hence find_unused_parameters.
+    """
+    if env.device.type == 'cuda':
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place: same parameters
+        ddp = DistributedDataParallel(model, device_ids=[env.device], find_unused_parameters=True)
+    else:
+        ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    return ddp, GlobalBatch(env, seed)

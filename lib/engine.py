@@ -6,6 +6,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from lib.distributed import all_finite
 from lib.errors import UserError
 from lib.evaluation import RECALL_AT, evaluate_sims, format_result, split_sims
 from lib.precision import autocast
@@ -44,7 +45,7 @@ def train_one_epoch(model, loader, optimizer, scaler, state, args, env, writer=N
         batch = to_device(batch, env.device)
         with autocast(env.device, args.precision):
             out = model(batch, state.step, max_violation, gather)
-        if not torch.isfinite(out.loss):
+        if not all_finite(out.loss, env):  # every rank skips the same steps
             skip_nonfinite(state, args, optimizer, out, writer)
             continue
         state.nonfinite_in_a_row = 0

@@ -45,26 +45,34 @@ class HREM(nn.Module):
 
         L = l(v, t) before `warmup` steps; afterwards
         L = l(v, t) + l(v, t^) + l(v^, t) + l(v^, t^) + reg_loss_weight * KL.
-        `gather` (distributed training) turns per-rank tensors into global-batch tensors.
+        `gather` (distributed training, lib.distributed.GlobalBatch) pads this rank's batch to
+        the global sizes and turns per-rank tensors into global-batch tensors; the global part
+        then draws random numbers from a stream shared by all ranks.
         """
+        if gather is not None:
+            batch = gather.pad_batch(batch)
         img, regions = self.encode_image(batch['regions'], batch['region_lengths'])
         cap, words = self.encode_text(batch['tokens'], batch['token_lengths'])
-        img, cap = img.float(), cap.float()
-        img_ids, word_lengths = batch['img_ids'], batch['token_lengths']
-        if gather is not None:
-            img, cap, regions, words, img_ids, word_lengths = gather(img, cap, regions, words, img_ids, word_lengths)
+        local = (img, cap, regions, words, batch['img_ids'], batch['token_lengths'])
+        if gather is None:
+            return self.batch_loss(*local, step, max_violation)
+        with gather.shared_rng(step):
+            return self.batch_loss(*gather(*local), step, max_violation)
 
-        base = self.base_loss(img, cap, img_ids, max_violation)
-        parts = {'base': base.detach()}
-        loss = base
-        if step >= self.warmup:
-            with torch.autocast(device_type=img.device.type, enabled=False):
+    def batch_loss(self, img, cap, regions, words, img_ids, word_lengths, step, max_violation):
+        # losses and relations in fp32 whatever --precision the encoders ran in
+        with torch.autocast(device_type=img.device.type, enabled=False):
+            img, cap = img.float(), cap.float()
+            base = self.base_loss(img, cap, img_ids, max_violation)
+            parts = {'base': base.detach()}
+            loss = base
+            if step >= self.warmup:
                 img_hat, cap_hat, reg = self.relation(img, cap, regions.float(), words.float(), word_lengths)
                 gnn = (self.gnn_loss(img, cap_hat, img_ids, max_violation)
                        + self.gnn_loss(img_hat, cap, img_ids, max_violation)
                        + self.gnn_loss(img_hat, cap_hat, img_ids, max_violation))
-            loss = loss + gnn + self.reg_loss_weight * reg
-            parts.update(gnn=gnn.detach(), reg=reg.detach())
+                loss = loss + gnn + self.reg_loss_weight * reg
+                parts.update(gnn=gnn.detach(), reg=reg.detach())
         parts['total'] = loss.detach()
         return Outputs(loss, parts)
 

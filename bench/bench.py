@@ -1,0 +1,324 @@
+"""Benchmarks: a training step, the relation module beside a per-caption loop reference,
+COCO-5K evaluation beside a per-row argsort loop, and the resident memory of a short training
+run on a memory-mapped feature file. Prints one JSON document.
+
+    python bench/bench.py --parts relation step eval memmap --text minilm
+
+Every part runs in a fresh subprocess, so that its peak memory is its own: CUDA max allocated
+on a GPU, the peak resident set size (ru_maxrss) on CPU. Times are medians over --repeat runs
+after one warm-up run; ours and the loop reference alternate in one process, so that a busy
+machine slows both alike (peak memory is the part's, both variants together).
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import graph_lib  # noqa: E402
+
+# text models with random weights (BERT architecture): hidden, layers, heads, intermediate
+TEXT_MODELS = {'bert-base': (768, 12, 12, 3072), 'minilm': (384, 6, 12, 1536), 'tiny': (64, 1, 2, 128)}
+
+
+# ----------------------------------------------------------------------------- references
+
+def loop_region_word_scores(regions, words, word_lengths, topk):
+    """The relation module's region-word relevance as the authors structure it (lib/mca.py,
+    AdjacencyLearning.forward): one caption at a time against all images. Same outputs as
+    graph_lib.region_word_scores."""
+    regions = F.normalize(regions, dim=-1)
+    words = graph_lib.pad_positions(words, topk)
+    n_img = regions.shape[0]
+    t2i_topk, t2i_mean, i2t_topk, i2t_mean = [], [], [], []
+    for c in range(words.shape[0]):
+        n = int(word_lengths[c])
+        used = max(n, topk)  # short captions use padding positions up to K
+        caption = F.normalize(words[c, :used].repeat(n_img, 1, 1), dim=-1)
+        sim = F.leaky_relu(torch.bmm(caption, regions.transpose(1, 2)), negative_slope=0.1)
+        best_region = F.normalize(sim, dim=1).max(dim=2).values         # (images, used)
+        t2i_mean.append(best_region[:, :n].mean(dim=1))
+        t2i_topk.append(best_region.topk(topk, dim=1).values)
+        best_word = F.normalize(sim, dim=2)[:, :n].max(dim=1).values    # (images, regions)
+        i2t_mean.append(best_word.mean(dim=1))
+        i2t_topk.append(best_word.topk(topk, dim=1).values)
+    return (torch.stack(t2i_topk), torch.stack(t2i_mean),
+            torch.stack(i2t_topk).transpose(0, 1), torch.stack(i2t_mean).t())
+
+
+def loop_ranks(sims):
+    """The authors' ranking: sort every row (image) and every column (caption), then search."""
+    n = sims.shape[0]
+    i2t = np.zeros(n)
+    for i in range(n):
+        order = np.argsort(sims[i])[::-1]
+        i2t[i] = min(np.where(order == j)[0][0] for j in range(5 * i, 5 * i + 5))
+    cols = sims.T
+    t2i = np.zeros(5 * n)
+    for j in range(5 * n):
+        order = np.argsort(cols[j])[::-1]
+        t2i[j] = np.where(order == j // 5)[0][0]
+    return i2t, t2i
+
+
+def loop_evaluate(sims, fold5):
+    out = [loop_ranks(sims)]
+    if fold5:
+        out += [loop_ranks(sims[i * 1000:(i + 1) * 1000, i * 5000:(i + 1) * 5000]) for i in range(5)]
+    return out
+
+
+# ----------------------------------------------------------------------------- measurements
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def timed(fns, device, repeat):
+    """Median seconds of each named function; the functions alternate (order reversed every
+    round), so that a busy machine slows them alike."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for r in range(repeat):
+        for name, fn in (list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]):
+            sync(device)
+            tick = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - tick)
+    return {name: float(np.median(t)) for name, t in times.items()}, times
+
+
+def peak_memory_mb(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def random_relation_inputs(o, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, e = o.batch_size, o.embed_size
+    img = F.normalize(torch.randn(b, e, generator=g), dim=-1)
+    cap = F.normalize(torch.randn(b, e, generator=g), dim=-1)
+    regions = torch.randn(b, o.regions, e, generator=g)
+    words = torch.randn(b, o.tokens, e, generator=g)
+    lengths = torch.randint(8, o.tokens + 1, (b,), generator=g)
+    return [t.to(device) for t in (img, cap, regions, words, lengths)]
+
+
+SCORES = {'ours': graph_lib.region_word_scores, 'loop': loop_region_word_scores}
+
+
+def with_scores(variant, fn):
+    """fn run with the relation module using our batched scores or the loop reference."""
+    def run():
+        graph_lib.region_word_scores = SCORES[variant]
+        fn()
+    return run
+
+
+def measure_relation(o, device):
+    """The relation module (scores, MLPs, KL, instance Transformer): forward + backward, and the
+    region-word scores alone (their inputs are detached: no backward)."""
+    img, cap, regions, words, lengths = random_relation_inputs(o, device)
+    relation = graph_lib.InstanceRelation(o.embed_size, o.nhead, 0.1).to(device)
+    img.requires_grad_()
+    cap.requires_grad_()
+
+    def fwd_bwd():
+        img_hat, cap_hat, reg = relation(img, cap, regions, words, lengths)
+        ((img_hat * cap).sum() + (img * cap_hat).sum() + reg).backward()
+
+    fns = {}
+    for variant, scores in SCORES.items():
+        fns[f'relation_fwd_bwd/{variant}'] = with_scores(variant, fwd_bwd)
+        fns[f'region_word_scores/{variant}'] = lambda scores=scores: scores(regions, words, lengths, relation.topk)
+    medians, times = timed(fns, device, o.repeat)
+    a, b = (scores(regions, words, lengths, relation.topk) for scores in SCORES.values())
+    return {'seconds': medians, 'times': times,
+            'ours_over_loop': medians['relation_fwd_bwd/ours'] / medians['relation_fwd_bwd/loop'],
+            'scores_ours_over_loop': medians['region_word_scores/ours'] / medians['region_word_scores/loop'],
+            'max_abs_diff': max(float((x - y).abs().max()) for x, y in zip(a, b))}
+
+
+def build_model(o, device):
+    import arguments
+    from transformers import BertConfig, BertModel
+    from lib.model import HREM, build_optimizer
+    hidden, layers, heads, inter = TEXT_MODELS[o.text]
+    bert = BertModel(BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,
+                                num_attention_heads=heads, intermediate_size=inter))
+    args = arguments.parse_train_args(['--dataset', 'coco', '--embed_size', str(o.embed_size), '--warmup', '0',
+                                       '--batch_size', str(o.batch_size), '--precision', o.precision])
+    model = HREM(args, o.img_dim, bert).to(device)
+    return model, args, build_optimizer(model, args)[0]
+
+
+def measure_step(o, device):
+    """One optimizer step after --warmup (the relation module runs): forward, backward, update,
+    with our relation module and with the loop reference."""
+    from lib.precision import autocast, grad_scaler
+    model, args, optimizer = build_model(o, device)
+    scaler = grad_scaler(device, o.precision)
+    g = torch.Generator().manual_seed(0)
+    b = o.batch_size
+    lengths = torch.randint(8, o.tokens + 1, (b,), generator=g)
+    tokens = torch.randint(1000, 30000, (b, o.tokens), generator=g) * (torch.arange(o.tokens) < lengths[:, None])
+    batch = {'regions': torch.rand(b, o.regions, o.img_dim, generator=g), 'region_lengths': torch.full((b,), o.regions),
+             'tokens': tokens, 'token_lengths': lengths, 'img_ids': torch.arange(b) // 2}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    params = [p for group in optimizer.param_groups for p in group['params']]
+    model.train()
+
+    def step():
+        with autocast(device, o.precision):
+            out = model(batch, step=1)
+        scaler.scale(out.loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    medians, times = timed({variant: with_scores(variant, step) for variant in SCORES}, device, o.repeat)
+    return {'step_s': medians, 'times': times, 'samples_per_s': {k: b / v for k, v in medians.items()},
+            'ours_over_loop': medians['ours'] / medians['loop'], 'text_model': o.text}
+
+
+def measure_eval(o, device):
+    """Rank a COCO-5K-sized (5000 x 25000) matrix: the full 5K protocol plus the five 1K folds,
+    ours (counting) and the authors' sorting loops."""
+    from lib.evaluation import evaluate_sims, i2t_ranks, t2i_ranks
+    # distinct float32 values (consecutive bit patterns from 0.5, shuffled): no ties, so that
+    # counting and sorting must give the same ranks
+    n = o.eval_images
+    bits = np.uint32(0x3F000000) + np.random.default_rng(0).permutation(5 * n * n).astype(np.uint32)
+    sims = bits.view(np.float32).reshape(n, 5 * n)
+    fold5 = n == 5000
+    tick = time.perf_counter()
+    evaluate_sims(sims, fold5=fold5)
+    ours = time.perf_counter() - tick
+    tick = time.perf_counter()
+    i2t, t2i = loop_evaluate(sims, fold5)[0]
+    loop = time.perf_counter() - tick
+    same = bool((i2t == i2t_ranks(sims)).all() and (t2i == t2i_ranks(sims)).all())
+    return {'eval_s': {'ours': ours, 'loop': loop}, 'ours_over_loop': ours / loop, 'ranks_equal': same}
+
+
+def measure_memmap(o, device):
+    """Peak resident memory of `train.py --max_steps 5` on a feature file of --memmap_gb GB."""
+    from lib.demo_data import FEATURE_SIZE, N_REGIONS
+    folder = tempfile.mkdtemp(prefix='hrem_memmap_', dir=o.memmap_dir)
+    try:
+        precomp = os.path.join(folder, 'big_precomp')
+        os.makedirs(precomp)
+        per_image = N_REGIONS * FEATURE_SIZE * 4
+        n_images = int(o.memmap_gb * 2**30 // per_image)
+        rng = np.random.default_rng(0)
+        # written in chunks: building the file must not need its size in RAM either
+        images = np.lib.format.open_memmap(os.path.join(precomp, 'train_ims.npy'), 'w+', np.float32,
+                                           (n_images, N_REGIONS, FEATURE_SIZE))
+        for start in range(0, n_images, 256):
+            images[start:start + 256] = rng.random((min(256, n_images - start), N_REGIONS, FEATURE_SIZE),
+                                                   dtype=np.float32)
+        images.flush()
+        del images
+        words = 'a dog cat man on the beach street park with red ball'.split()
+        with open(os.path.join(precomp, 'train_caps.txt'), 'w') as f:
+            f.writelines(' '.join(rng.choice(words, 8)) + '\n' for _ in range(5 * n_images))
+        small = rng.random((100, N_REGIONS, FEATURE_SIZE), dtype=np.float32)
+        for split in ('dev', 'test'):
+            np.save(os.path.join(precomp, f'{split}_ims.npy'), small)
+            with open(os.path.join(precomp, f'{split}_caps.txt'), 'w') as f:
+                f.writelines(' '.join(rng.choice(words, 8)) + '\n' for _ in range(500))
+        file_mb = os.path.getsize(os.path.join(precomp, 'train_ims.npy')) / 2**20
+        cmd = [sys.executable, os.path.join(ROOT, 'train.py'), '--data_path', folder, '--dataset', 'big',
+               '--bert_path', o.memmap_bert, '--embed_size', '256', '--batch_size', '64', '--max_steps', '5',
+               '--num_epochs', '1', '--workers', '0', '--device', str(device), '--logger_name',
+               os.path.join(folder, 'run')]
+        tick = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - tick
+        rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        return {'feature_file_mb': file_mb, 'n_images': n_images, 'train_peak_rss_mb': rss_mb,
+                'rss_over_file': rss_mb / file_mb, 'run_s': seconds, 'command': ' '.join(cmd[1:])}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+PARTS = {'relation': measure_relation, 'step': measure_step, 'eval': measure_eval, 'memmap': measure_memmap}
+
+
+def child(o):
+    device = torch.device(o.device)
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    torch.manual_seed(0)
+    result = PARTS[o.part](o, device)
+    result['peak_memory_mb'] = peak_memory_mb(device)
+    print(json.dumps(result))
+
+
+def parse(argv=None):
+    from lib.text_model import DEMO_TEXT_MODEL
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--parts', nargs='+', default=['relation', 'step', 'eval'], choices=list(PARTS))
+    p.add_argument('--batch_size', type=int, default=128)
+    p.add_argument('--embed_size', type=int, default=1024)
+    p.add_argument('--nhead', type=int, default=16)
+    p.add_argument('--regions', type=int, default=36)
+    p.add_argument('--tokens', type=int, default=32)
+    p.add_argument('--img_dim', type=int, default=2048)
+    p.add_argument('--text', default='bert-base', choices=list(TEXT_MODELS),
+                   help='text model sizes for the step (random weights)')
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--repeat', type=int, default=3)
+    p.add_argument('--threads', type=int, default=0, help='CPU threads of torch (0: its default)')
+    p.add_argument('--eval_images', type=int, default=5000, help='5000: COCO 5K with the five 1K folds')
+    p.add_argument('--memmap_gb', type=float, default=2.5, help='size of the feature file of the memmap part')
+    p.add_argument('--memmap_dir', default=tempfile.gettempdir(), help='where that file is written (and deleted)')
+    p.add_argument('--memmap_bert', default=DEMO_TEXT_MODEL, help='text model folder for the memmap training run')
+    p.add_argument('--out', default=None, help='also write the JSON here')
+    p.add_argument('--part', help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    o = parse(argv)
+    if o.part:
+        return child(o)
+    report = {'machine': {'platform': platform.platform(), 'processor': platform.processor(),
+                          'cpus': os.cpu_count(), 'load_average': os.getloadavg(), 'torch': torch.__version__,
+                          'gpu': torch.cuda.get_device_name() if o.device.startswith('cuda') else None},
+              'options': {k: v for k, v in vars(o).items() if k not in ('part', 'out')}, 'results': {}}
+    argv = sys.argv[1:] if argv is None else argv
+    for part in o.parts:
+        run = subprocess.run([sys.executable, __file__, *argv, '--part', part], capture_output=True, text=True)
+        if run.returncode:
+            sys.exit(f'{part} failed:\n{run.stderr[-3000:]}')
+        report['results'][part] = json.loads(run.stdout.strip().splitlines()[-1])
+        print(f'{part}: {report["results"][part]}', file=sys.stderr, flush=True)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if o.out:
+        with open(o.out, 'w') as f:
+            f.write(text + '\n')
+
+
+if __name__ == '__main__':
+    main()
