@@ -210,10 +210,11 @@ class TrainDataset(torch.utils.data.Dataset):
 def pad_regions(images):
     """List of (R_i, D) arrays -> zero-padded (B, max R, D) tensor and lengths."""
     lengths = torch.tensor([len(im) for im in images])
-    out = torch.zeros(len(images), int(lengths.max()), images[0].shape[-1])
+    # filled in numpy: the rows may be read-only views of the memory-mapped array
+    out = np.zeros((len(images), int(lengths.max()), images[0].shape[-1]), np.float32)
     for i, im in enumerate(images):
-        out[i, :len(im)] = torch.as_tensor(im)
-    return out, lengths
+        out[i, :len(im)] = im
+    return torch.from_numpy(out), lengths
 
 
 def pad_tokens(token_lists):

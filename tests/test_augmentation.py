@@ -139,3 +139,15 @@ def test_collate_pads_and_carries_lengths(split):
         assert batch['tokens'][b, :len(ids)].tolist() == ids.tolist()
         assert (batch['tokens'][b, len(ids):] == 0).all()
     assert batch['img_ids'].tolist() == [0, 1, 2, 8] and batch['caption_ids'].tolist() == [0, 7, 13, 42]
+
+
+def test_collate_of_memory_mapped_rows_copies_them(split):
+    import warnings
+    data = TrainDataset(split, size_augment=False, text_augment=False)
+    items = [data[i] for i in (0, 5)]
+    assert not items[0][0].flags.writeable  # a view of the read-only memory map
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # torch warns on non-writable arrays
+        batch = collate(items)
+    batch['regions'] += 1  # the batch owns its memory
+    np.testing.assert_array_equal(split.images[0], data[0][0])
