@@ -14,10 +14,10 @@ OBJECTS = ['dog', 'cat', 'horse', 'bird', 'man', 'woman', 'child', 'car', 'bicyc
 COLORS = ['red', 'blue', 'green', 'black', 'white', 'yellow', 'brown', 'orange']
 SCENES = ['beach', 'street', 'park', 'kitchen', 'field', 'forest', 'lake', 'snow']
 
-SPLITS = {'train': 1500, 'dev': 300, 'test': 500}
-N_REGIONS = 12
+SPLITS = {'train': 1000, 'dev': 500, 'test': 1000}
+N_REGIONS = 16
 FEATURE_SIZE = 512
-NOISE = 0.6
+NOISE = 2.0
 SEED = 1234
 
 TEMPLATES_ONE = ['a {c0} {o0} in the {s}', 'a photo of a {c0} {o0} at the {s}', 'there is a {c0} {o0} near the {s}',
