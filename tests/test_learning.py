@@ -5,7 +5,6 @@ import json
 import os
 from math import comb
 
-
 import train
 from lib import demo_data
 
