@@ -207,23 +207,22 @@ def write_sheet(path, sheet):
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--checkpoint', required=True, help='model_best.pth of a run (ours or the authors\')')
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument('--query', help='text to search the gallery images with')
     what.add_argument('--image', type=int, help='index of a gallery image to search the captions with')
-    p.add_argument('--k', type=int, default=5, help='results to show')
+    p.add_argument('--k', type=int, default=5, help='results to show (default 5)')
     p.add_argument('--data_path', default=None, help="default: the checkpoint's")
     p.add_argument('--dataset', default=None, help="default: the checkpoint's")
     p.add_argument('--split', default=None, help="default: the dataset's test split (COCO: testall)")
     p.add_argument('--bert_path', default=None, help="text model folder; default: the checkpoint's")
     p.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when present)')
-    p.add_argument('--batch_size', type=int, default=128, help='batch size of encoding the gallery')
+    p.add_argument('--batch_size', type=int, default=128, help='batch size of encoding the gallery (default 128)')
     p.add_argument('--json', action='store_true', help='print the results as one JSON document')
     p.add_argument('--image_dir', default=None, help='the split\'s images: also write a contact sheet')
-    p.add_argument('--sheet', default='contact_sheet.png', help='contact sheet file (with --image_dir)')
-    p.add_argument('--thumb', type=int, default=160, help='thumbnail size of the contact sheet (pixels)')
+    p.add_argument('--sheet', default='contact_sheet.png', help='contact sheet file (default contact_sheet.png)')
+    p.add_argument('--thumb', type=int, default=160, help='thumbnail size of the contact sheet in pixels (default 160)')
     args = p.parse_args(argv)
     if args.k < 1 or args.thumb < 16 or args.batch_size < 1:
         p.error('--k and --batch_size must be >= 1, --thumb >= 16')
