@@ -13,6 +13,7 @@ exactly dL/d(theta), as in one process.
 """
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from lib.errors import UserError
+
+# The suggested replacement lives in a private module (torch.distributed._functional_collectives);
+# the public autograd all_gather works with nccl and gloo alike.
+warnings.filterwarnings('ignore', message='torch.distributed.nn.functional.all_gather is deprecated',
+                        category=FutureWarning)
 
 
 @dataclass
