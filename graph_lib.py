@@ -34,24 +34,28 @@ def region_word_scores(regions, words, word_lengths, topk):
     - cosine word-region matrix, LeakyReLU(0.1); t2i: L2-normalise along words, max over
       regions; i2t: L2-normalise along regions, max over the caption's words.
     """
+    bi, n_regions, dim = regions.shape
     regions = F.normalize(regions, dim=-1)
     words = pad_positions(words, topk)  # zero words fill captions up to K when L < K
-    n_pos = words.shape[1]
-    pos = torch.arange(n_pos, device=words.device)
+    pos = torch.arange(words.shape[1], device=words.device)
     in_caption = pos[None, :] < word_lengths[:, None]                     # (Bc, L)
     in_window = pos[None, :] < word_lengths.clamp(min=topk)[:, None]      # (Bc, L)
-    words = F.normalize(words, dim=-1) * in_window[..., None]
 
-    sim = F.leaky_relu(torch.einsum('cwe,ire->ciwr', words, regions), negative_slope=0.1)
+    # one matrix product over the words inside their caption's window only (padding beyond
+    # max(K, n) would be computed and masked for nothing); layout (Bc, L, Bi, R)
+    sim = regions.new_zeros(*in_window.shape, bi, n_regions)
+    packed = F.normalize(words[in_window], dim=-1) @ regions.reshape(-1, dim).t()
+    sim[in_window] = F.leaky_relu(packed, negative_slope=0.1).view(-1, bi, n_regions)
 
     # text-to-image: one score per word (best region), then top-K and mean over the caption
-    per_word = F.normalize(sim, dim=2).amax(dim=3)                        # (Bc, Bi, L)
-    t2i_mean = (per_word * in_caption[:, None]).sum(-1) / word_lengths[:, None].to(sim.dtype)
-    t2i_topk = per_word.masked_fill(~in_window[:, None], float('-inf')).topk(topk, dim=-1).values
+    per_word = F.normalize(sim, dim=1).amax(dim=3)                        # (Bc, L, Bi)
+    t2i_mean = (per_word * in_caption[..., None]).sum(1) / word_lengths[:, None].to(sim.dtype)
+    t2i_topk = per_word.masked_fill(~in_window[..., None], float('-inf')).topk(topk, dim=1).values
+    t2i_topk = t2i_topk.transpose(1, 2)                                   # (Bc, Bi, K)
 
     # image-to-text: one score per region (best word of the caption), then top-K and mean
-    per_region = F.normalize(sim, dim=3).masked_fill(~in_caption[:, None, :, None], float('-inf'))
-    per_region = per_region.amax(dim=2)                                   # (Bc, Bi, R)
+    per_region = F.normalize(sim, dim=3).masked_fill(~in_caption[..., None, None], float('-inf'))
+    per_region = per_region.amax(dim=1)                                   # (Bc, Bi, R)
     i2t_mean = per_region.mean(-1).t()
     # zero scores stand in for missing regions when an image has fewer than K
     per_region = F.pad(per_region, (0, max(0, topk - per_region.shape[-1])))

@@ -4,6 +4,7 @@
 <data_path>/<dataset>_precomp/<split>_caps.txt  one caption per line; caption i belongs to image
                                                 i // 5 (five per image) or i (one per image)
 """
+import mmap
 import os
 from dataclasses import dataclass
 
@@ -172,6 +173,14 @@ class PrecompSplit:
                 raise nonfinite_error(self.ims_path, bad)
 
 
+def advise_random_access(images):
+    """Training reads images in random order: tell the kernel not to read ahead, so resident
+    memory holds the images actually read rather than megabytes around each of them."""
+    file_map = getattr(images, '_mmap', None)  # np.memmap (and its slices) keep the mapping here
+    if file_map is not None and hasattr(mmap, 'MADV_RANDOM'):
+        file_map.madvise(mmap.MADV_RANDOM)
+
+
 class TrainDataset(torch.utils.data.Dataset):
     """One item per caption: (regions, token ids, caption index, image index).
 
@@ -180,6 +189,7 @@ class TrainDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, split, seed=0, size_augment=True, text_augment=True):
+        advise_random_access(split.images)
         self.split = split
         self.seed = seed
         self.size_augment = size_augment
