@@ -17,7 +17,7 @@ from lib import checkpoint as ckpt_lib
 from lib import run_folder
 from lib.data import PrecompSplit, TrainDataset, collate
 from lib.demo_data import ensure_demo
-from lib.distributed import barrier, cleanup, init_distributed
+from lib.distributed import barrier, cleanup, init_distributed, wrap_ddp
 from lib.engine import TrainState, train_one_epoch, unwrap, validate
 from lib.errors import UserError, exit_on_user_error
 from lib.evaluation import evaluate_sims, format_result, save_sims
@@ -178,7 +178,6 @@ def main(argv=None):
 
     train_model, gather = model, None
     if env.distributed:
-        from lib.distributed import wrap_ddp
         train_model, gather = wrap_ddp(model, env, args.seed)
 
     loader, dataset, sampler = make_loader(train_split, args, env)

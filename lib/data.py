@@ -91,17 +91,22 @@ class TokenizedCaptions:
         return self.ids[s:e], self.word_index[s:e]
 
 
+TOKENIZE_CHUNK = 10000  # captions per tokenizer call: bounds the tokenizer's temporary memory
+
+
 def tokenize_captions(tokenizer, captions):
     # Words are split as BERT's basic tokenizer does (whitespace and punctuation); word_ids()
     # of the fast tokenizer says which word each piece came from (transformers 4.x and 5.x).
-    enc = tokenizer(list(captions), add_special_tokens=False)
-    ids, words, offsets = [], [], [0]
-    for i, piece_ids in enumerate(enc['input_ids']):
-        ids.extend(piece_ids)
-        words.extend(enc.word_ids(i))
-        offsets.append(offsets[-1] + len(piece_ids))
-    return TokenizedCaptions(np.asarray(ids, np.int32), np.asarray(words, np.int32),
-                             np.asarray(offsets, np.int64))
+    ids, words, lengths = [], [], []
+    for start in range(0, len(captions), TOKENIZE_CHUNK):
+        enc = tokenizer(list(captions[start:start + TOKENIZE_CHUNK]), add_special_tokens=False)
+        for i, piece_ids in enumerate(enc['input_ids']):
+            ids.append(np.asarray(piece_ids, np.int32))
+            words.append(np.asarray(enc.word_ids(i), np.int32))
+            lengths.append(len(piece_ids))
+    offsets = np.concatenate(([0], np.cumsum(lengths, dtype=np.int64)))
+    return TokenizedCaptions(np.concatenate(ids) if ids else np.zeros(0, np.int32),
+                             np.concatenate(words) if words else np.zeros(0, np.int32), offsets)
 
 
 class TextSpec:

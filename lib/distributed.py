@@ -12,6 +12,7 @@ rank's local embeddings receive W x dL/d(local); DDP then averages over W, which
 exactly dL/d(theta), as in one process.
 """
 import contextlib
+import datetime
 import os
 import warnings
 from dataclasses import dataclass
@@ -70,8 +71,9 @@ def init_distributed(device_name=None):
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        # rank 0 validates and tests alone while the others wait: allow a long COCO evaluation
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
-                                rank=rank, world_size=world_size,
+                                rank=rank, world_size=world_size, timeout=datetime.timedelta(hours=2),
                                 **({'device_id': device} if device.type == 'cuda' else {}))
     return DistEnv(rank, world_size, local_rank, device)
 
@@ -119,7 +121,7 @@ class GlobalBatch:
 
     def __call__(self, img, cap, regions, words, img_ids, word_lengths):
         def with_grad(x):
-            return torch.cat(dist_autograd.all_gather(x))
+            return None if x is None else torch.cat(dist_autograd.all_gather(x))
 
         def plain(x):  # integer tensors carry no gradient
             parts = [torch.empty_like(x) for _ in range(self.env.world_size)]

@@ -53,6 +53,8 @@ class HREM(nn.Module):
             batch = gather.pad_batch(batch)
         img, regions = self.encode_image(batch['regions'], batch['region_lengths'])
         cap, words = self.encode_text(batch['tokens'], batch['token_lengths'])
+        if step < self.warmup:  # local features only feed the relation module
+            regions = words = None
         local = (img, cap, regions, words, batch['img_ids'], batch['token_lengths'])
         if gather is None:
             return self.batch_loss(*local, step, max_violation)
