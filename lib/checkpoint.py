@@ -27,8 +27,6 @@ SAFE_GLOBALS = [argparse.Namespace]
 # converted checkpoint gets their defaults (img_dim is read off the weights).
 AUTHORS_OPT_DEFAULTS = {'no_imgnorm': False, 'no_txtnorm': False, 'multi_gpu': 0, 'mask_repeat': 1,
                         'save_results': 1, 'gpu_id': 0, 'val_step': 500, 'norm_input': 1, 'cross_loss': 1}
-# Options that define the architecture (taken from a checkpoint when evaluating it).
-ARCH_KEYS = ('embed_size', 'nhead', 'residual_weight', 'mlp_last_bn', 'num_layers_enc', 'topk')
 
 
 def save_atomic(obj, path):

@@ -16,9 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
+from lib.run_folder import EVENTS_GLOB  # noqa: E402
 
 LOSS_TAG, RSUM_TAG = 'train/loss', 'val/rsum'
-EVENTS_GLOB = 'events.out.tfevents.*'  # what torch's SummaryWriter writes
 
 
 def read_scalars(run):
