@@ -222,29 +222,23 @@ class TrainDataset(torch.utils.data.Dataset):
         return image, ids, index, img_index
 
 
-def pad_regions(images):
-    """List of (R_i, D) arrays -> zero-padded (B, max R, D) tensor and lengths."""
-    lengths = torch.tensor([len(im) for im in images])
-    # filled in numpy: the rows may be read-only views of the memory-mapped array
-    out = np.zeros((len(images), int(lengths.max()), images[0].shape[-1]), np.float32)
-    for i, im in enumerate(images):
-        out[i, :len(im)] = im
-    return torch.from_numpy(out), lengths
+def pad_batch(arrays, dtype):
+    """Arrays whose first dimension varies -> zero-padded (B, max n, ...) tensor and the lengths.
 
-
-def pad_tokens(token_lists):
-    """List of id arrays -> (B, max L) int64 padded with 0 ([PAD]) and lengths."""
-    lengths = torch.tensor([len(t) for t in token_lists])
-    out = torch.zeros(len(token_lists), int(lengths.max()), dtype=torch.long)
-    for i, t in enumerate(token_lists):
-        out[i, :len(t)] = torch.as_tensor(t)
-    return out, lengths
+    Regions pad with zero vectors, token ids with 0 ([PAD]). Filled in numpy: the rows may be
+    read-only views of the memory-mapped array.
+    """
+    lengths = [len(a) for a in arrays]
+    out = np.zeros((len(arrays), max(lengths), *np.shape(arrays[0])[1:]), dtype)
+    for i, a in enumerate(arrays):
+        out[i, :len(a)] = a
+    return torch.from_numpy(out), torch.tensor(lengths)
 
 
 def collate(items):
     images, ids, cap_index, img_index = zip(*items)
-    regions, region_lengths = pad_regions(images)
-    tokens, token_lengths = pad_tokens(ids)
+    regions, region_lengths = pad_batch(images, np.float32)
+    tokens, token_lengths = pad_batch(ids, np.int64)
     return {'regions': regions, 'region_lengths': region_lengths, 'tokens': tokens,
             'token_lengths': token_lengths, 'caption_ids': torch.tensor(cap_index),
             'img_ids': torch.tensor(img_index)}

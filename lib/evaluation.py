@@ -12,7 +12,7 @@ import pickle
 import numpy as np
 import torch
 
-from lib.data import pad_tokens
+from lib.data import pad_batch
 from lib.errors import UserError
 from lib.precision import autocast
 
@@ -119,7 +119,7 @@ def encode_captions(model, split, device, batch_size=128, precision='fp32'):
     n = len(split.tokens)
     for start in range(0, n, batch_size):
         ids = [split.text.encode(*split.tokens.pieces(c)) for c in range(start, min(n, start + batch_size))]
-        tokens, lengths = pad_tokens(ids)
+        tokens, lengths = pad_batch(ids, np.int64)
         with autocast(device, precision):
             emb, _ = model.encode_text(tokens.to(device), lengths.to(device))
         out.append(emb.float().cpu())
