@@ -16,7 +16,7 @@ import arguments
 from lib.data import PrecompSplit
 from lib.distributed import pick_device
 from lib.errors import UserError, exit_on_user_error
-from lib.evaluation import FOLD_IMAGES, evaluate_sims, format_result, load_sims, save_sims, split_sims
+from lib.evaluation import check_fold5, evaluate_sims, format_result, load_sims, save_sims, split_sims
 from lib.inference import load_for_inference
 
 
@@ -49,9 +49,8 @@ def checkpoint_sims(opts):
         key = (data_path, dataset, split_name, args.bert_path)
         if key not in splits:  # captions are tokenised once per text model
             splits[key] = PrecompSplit(data_path, dataset, split_name, tokenizer)
-            if opts.fold5 and splits[key].n_images != 5 * FOLD_IMAGES:
-                raise UserError(f'--fold5 needs the 5000-image COCO testall split; {splits[key].ims_path} has '
-                                f'{splits[key].n_images} images. Drop --fold5 or pass --split testall')
+            if opts.fold5:  # before any encoding
+                check_fold5(splits[key].n_images, splits[key].ims_path)
             splits[key].check_finite()
         split = splits[key]
         if split.feature_size != model.img_dim:

@@ -69,15 +69,19 @@ def rank_metrics(sims, name='full'):
 FOLD_IMAGES = 1000
 
 
+def check_fold5(n_images, source='this matrix'):
+    if n_images != 5 * FOLD_IMAGES:
+        raise UserError(f'--fold5 needs the 5000-image COCO testall split; {source} has {n_images} images. '
+                        'Drop --fold5 or pass --split testall')
+
+
 def evaluate_sims(sims, fold5=False):
     """Results for the whole matrix and, with fold5 (COCO 1K), the five 1000-image folds and
     their mean (every metric averaged over folds, rsum included)."""
     sims = torch.as_tensor(np.asarray(sims, dtype=np.float32))
     results = [rank_metrics(sims)]
     if fold5:
-        if sims.shape[0] != 5 * FOLD_IMAGES:
-            raise UserError(f'--fold5 needs the 5000-image COCO testall split; this matrix has '
-                            f'{sims.shape[0]} images')
+        check_fold5(sims.shape[0])
         folds = [rank_metrics(sims[i * FOLD_IMAGES:(i + 1) * FOLD_IMAGES,
                                    i * 5 * FOLD_IMAGES:(i + 1) * 5 * FOLD_IMAGES], f'1k-fold{i}')
                  for i in range(5)]
