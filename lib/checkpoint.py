@@ -140,12 +140,8 @@ def load_module_state(module, state, name, source):
     unexpected = sorted(set(state) - set(own) - VERSION_DEPENDENT_KEYS)
     mismatched = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in sorted(set(own) & set(state))
                   if tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f'missing keys {missing[:5]}' + (f' (+{len(missing) - 5} more)' if len(missing) > 5 else ''))
-    if unexpected:
-        problems.append(f'unexpected keys {unexpected[:5]}'
-                        + (f' (+{len(unexpected) - 5} more)' if len(unexpected) > 5 else ''))
+    problems = [f'{what} keys {keys[:5]}' + (f' (+{len(keys) - 5} more)' if len(keys) > 5 else '')
+                for what, keys in (('missing', missing), ('unexpected', unexpected)) if keys]
     problems += [f'{k}: checkpoint {a} vs model {b}' for k, a, b in mismatched[:5]]
     if problems:
         raise UserError(f'{source}: {name} weights do not fit this model: ' + '; '.join(problems)
