@@ -83,9 +83,28 @@ def add_relation_args(parser):
     g.add_argument('--topk', type=positive_int, default=10, help='K region-word scores fed to the relevance MLP')
     g.add_argument('--reg_loss_weight', type=float, default=10.0, help='weight of the KL regulariser')
     g.add_argument('--sigma', type=float, default=1.0, help='relevance exp(-distance / sigma)')
-    g.add_argument('--intra_connect', default='intra', choices=['intra', 'cross'],
-                   help="image-image / text-text connections from intra-modal similarity (the paper, "
-                        "default) or from the image-caption similarity as the authors' code does ('cross')")
+    g.add_argument('--norm_input', type=int, default=1, choices=[0, 1],
+                   help='the instance Transformer takes the L2-normalised embeddings (1) or the embeddings '
+                        'before normalisation (0); relations are computed from the normalised ones either way')
+    return g
+
+
+def add_ablation_args(parser):
+    g = parser.add_argument_group(
+        'ablations (the full model is the default; see also --reg_loss_weight 0, --threshold, --topk, '
+        '--mask_weight)')
+    g.add_argument('--instance_relation', type=int, default=1, choices=[0, 1],
+                   help='0: the fragment-level model alone; no relation module is built, the loss is l(v, t)')
+    g.add_argument('--connection_relation', type=int, default=1, choices=[0, 1],
+                   help='0: no connection relation, every node attends to every node')
+    g.add_argument('--relevance_relation', type=int, default=1, choices=[0, 1],
+                   help='0: no relevance relation, connected pairs get an equal attention bias (0); the '
+                        'relevance MLPs and the regulariser that constrains them are not built')
+    g.add_argument('--cross_loss', type=int, default=1, choices=[0, 1],
+                   help='1: l(v, t) + l(v, t^) + l(v^, t) + l(v^, t^); 0: without the cross terms, '
+                        'l(v, t) + l(v^, t^) (plus the regulariser)')
+    g.add_argument('--fragment_transformer', default='both', choices=['both', 'image', 'text', 'none'],
+                   help='encoders that have the fragment-level Transformer; the others pool with MaxK alone')
     return g
 
 
@@ -136,6 +155,7 @@ def get_train_parser():
     add_data_args(parser)
     add_model_args(parser)
     add_relation_args(parser)
+    add_ablation_args(parser)
     add_loss_args(parser)
     add_optim_args(parser)
     add_runtime_args(parser)

@@ -78,51 +78,63 @@ def kl_rows(target_logits, logits):
 
 
 class InstanceRelation(nn.Module):
+    """The instance-level relation module. `connection` and `relevance` are the paper's ablation
+    switches: without connections every node attends to every node; without relevance connected
+    pairs get an equal (zero) attention bias, and the relevance MLPs and the regulariser that
+    constrains them are not built."""
+
     def __init__(self, embed_size, nhead=16, dropout=0.1, num_layers=1, topk=10, threshold=0.5,
-                 mask_weight=1.0, sigma=1.0, intra_connect='intra'):
+                 mask_weight=1.0, sigma=1.0, connection=True, relevance=True):
         super().__init__()
         layer = nn.TransformerEncoderLayer(embed_size, nhead, dim_feedforward=embed_size, dropout=dropout,
                                            batch_first=True)
         self.gnn = nn.TransformerEncoder(layer, num_layers=num_layers, enable_nested_tensor=False)
-        self.mlp_t2i = relevance_mlp(topk)
-        self.mlp_i2t = copy.deepcopy(self.mlp_t2i)  # the authors start both MLPs from the same weights
+        if relevance:
+            self.mlp_t2i = relevance_mlp(topk)
+            self.mlp_i2t = copy.deepcopy(self.mlp_t2i)  # the authors start both MLPs from the same weights
         self.topk, self.threshold, self.mask_weight = topk, threshold, mask_weight
-        self.sigma, self.intra_connect = sigma, intra_connect
+        self.sigma, self.connection, self.relevance = sigma, connection, relevance
 
     def relations(self, img, cap, regions, words, word_lengths):
         """Connection (bool) and relevance (float) of the 2B x 2B graph, and the KL regulariser."""
         n = img.shape[0]
         k = int(n * self.threshold)
         with torch.no_grad():
-            if self.intra_connect == 'intra':
-                # a node always keeps itself (rounding can put a near-duplicate above it)
-                sim_ii, sim_tt = img @ img.t(), cap @ cap.t()
-                sim_ii.fill_diagonal_(float('inf'))
-                sim_tt.fill_diagonal_(float('inf'))
-                c_ii, c_tt = top_proportion(sim_ii, k), top_proportion(sim_tt, k)
-            else:  # the authors' code ranks image rows by image-caption similarity (and vice versa)
-                c_ii, c_tt = top_proportion(img @ cap.t(), k), top_proportion(cap @ img.t(), k)
+            # as the authors' code: image rows ranked by img @ img.T, caption rows by cap @ cap.T;
+            # a node always keeps itself (rounding can put a near-duplicate above it)
+            sim_ii, sim_tt = img @ img.t(), cap @ cap.t()
+            sim_ii.fill_diagonal_(float('inf'))
+            sim_tt.fill_diagonal_(float('inf'))
+            c_ii, c_tt = top_proportion(sim_ii, k), top_proportion(sim_tt, k)
 
         t2i_topk, t2i_mean, i2t_topk, i2t_mean = region_word_scores(
             regions.detach(), words.detach(), word_lengths, self.topk)
+        c_t2i, c_i2t = top_proportion(t2i_mean, k), top_proportion(i2t_mean, k)
+        connect = torch.cat([torch.cat([c_ii, c_i2t], 1), torch.cat([c_t2i, c_tt], 1)], 0)
+        if not self.connection:
+            connect = torch.ones_like(connect)
+        if not self.relevance:
+            return connect, img.new_zeros(connect.shape), img.new_zeros(())
+
         r_t2i = self.mlp_t2i(t2i_topk).squeeze(-1) + t2i_mean
         r_i2t = self.mlp_i2t(i2t_topk).squeeze(-1) + i2t_mean
-        c_t2i, c_i2t = top_proportion(t2i_mean, k), top_proportion(i2t_mean, k)
-
         r_ii = torch.exp(-torch.cdist(img, img) / self.sigma)
         r_tt = torch.exp(-torch.cdist(cap, cap) / self.sigma)
 
         guide = torch.exp(-torch.cdist(img, cap) / self.sigma).detach()
         reg = kl_rows(guide, r_i2t) + kl_rows(guide.t(), r_t2i)
-
-        connect = torch.cat([torch.cat([c_ii, c_i2t], 1), torch.cat([c_t2i, c_tt], 1)], 0)
         relevance = torch.cat([torch.cat([r_ii, r_i2t], 1), torch.cat([r_t2i, r_tt], 1)], 0)
         return connect, relevance, reg
 
-    def forward(self, img, cap, regions, words, word_lengths):
-        """Normalised embeddings (B, E) -> relation-enhanced (v^, t^) and the KL regulariser."""
+    def forward(self, img, cap, regions, words, word_lengths, nodes=None):
+        """Normalised embeddings (B, E) -> relation-enhanced (v^, t^) and the KL regulariser.
+
+        The relations are computed from the normalised embeddings; the Transformer runs over
+        `nodes` = (image nodes, caption nodes), by default the same normalised embeddings
+        (the authors' --norm_input 0 passes the embeddings before normalisation).
+        """
         connect, relevance, reg = self.relations(img, cap, regions, words, word_lengths)
-        img_hat, cap_hat = self.attend(img, cap, connect, relevance)
+        img_hat, cap_hat = self.attend(*(nodes or (img, cap)), connect, relevance)
         return img_hat, cap_hat, reg
 
     def attend(self, img, cap, connect, relevance):

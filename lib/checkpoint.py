@@ -156,7 +156,7 @@ def load_module_state(module, state, name, source):
 def load_model_weights(model, ckpt, source, relation=True):
     load_module_state(model.img_enc, ckpt['model']['img_enc'], 'image encoder', source)
     load_module_state(model.txt_enc, ckpt['model']['txt_enc'], 'text encoder', source)
-    if relation and ckpt['model'].get('relation') is not None:
+    if relation and model.relation is not None and ckpt['model'].get('relation') is not None:
         load_module_state(model.relation, ckpt['model']['relation'], 'relation module', source)
 
 
@@ -165,7 +165,7 @@ def make_checkpoint(model, args, epoch, iteration, best_rsum, optimizer=None, sc
         return {k: v.detach().cpu() for k, v in state.items()}
     return {'format': FORMAT,
             'model': {'img_enc': cpu(model.img_enc.state_dict()), 'txt_enc': cpu(model.txt_enc.state_dict()),
-                      'relation': cpu(model.relation.state_dict())},
+                      'relation': None if model.relation is None else cpu(model.relation.state_dict())},
             'args': dict(vars(args)), 'epoch': epoch, 'iteration': iteration, 'best_rsum': best_rsum,
             'optimizer': optimizer.state_dict() if optimizer else None,
             'scheduler': scheduler.state_dict() if scheduler else None,

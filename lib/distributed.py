@@ -119,17 +119,18 @@ class GlobalBatch:
                 'regions': F.pad(batch['regions'], (0, 0, 0, n_regions - batch['regions'].shape[1])),
                 'tokens': F.pad(batch['tokens'], (0, n_tokens - batch['tokens'].shape[1]))}
 
-    def __call__(self, img, cap, regions, words, img_ids, word_lengths):
-        def with_grad(x):
-            return None if x is None else torch.cat(dist_autograd.all_gather(x))
-
-        def plain(x):  # integer tensors carry no gradient
-            parts = [torch.empty_like(x) for _ in range(self.env.world_size)]
+    def __call__(self, *tensors):
+        """Each rank's tensors -> the global ones, in rank order; None stays None."""
+        def gather(x):
+            if x is None:
+                return None
+            if x.is_floating_point():
+                return torch.cat(dist_autograd.all_gather(x))
+            parts = [torch.empty_like(x) for _ in range(self.env.world_size)]  # integers carry no gradient
             dist.all_gather(parts, x.contiguous())
             return torch.cat(parts)
 
-        return (with_grad(img), with_grad(cap), with_grad(regions), with_grad(words),
-                plain(img_ids), plain(word_lengths))
+        return tuple(gather(x) for x in tensors)
 
     @contextlib.contextmanager
     def shared_rng(self, step):

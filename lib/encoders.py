@@ -90,9 +90,11 @@ def fragment_transformer(embed_size, nhead, dropout):
 
 
 class FragmentPooling(nn.Module):
-    """g = w * MaxK(x) + (1 - w) * mean(Transformer(x)), L2-normalised.
+    """g = w * MaxK(x) + (1 - w) * mean(Transformer(x)), or MaxK(x) alone without a Transformer.
 
-    Both encoders end with this; its Transformer is registered as `aggr` on the encoder.
+    Both encoders end with this; its Transformer is registered as `aggr` on the encoder (None
+    for the --fragment_transformer ablation). Returns g before L2 normalisation: the authors'
+    --norm_input 0 feeds it to the instance-level Transformer.
     """
 
     def __init__(self, residual_weight):
@@ -101,27 +103,31 @@ class FragmentPooling(nn.Module):
 
     def forward(self, x, lengths, aggr):
         g0 = maxk_pool(x, lengths)
+        if aggr is None:
+            return g0
         y = aggr(x, src_key_padding_mask=~valid_mask(lengths, x.shape[1]))
         g1 = mean_pool(y, lengths)
         w = self.residual_weight
-        return l2norm(w * g0 + (1 - w) * g1)
+        return w * g0 + (1 - w) * g1
 
 
 class ImageEncoder(nn.Module):
-    def __init__(self, img_dim, embed_size, nhead=16, dropout=0.1, residual_weight=0.8, mlp_last_bn=False):
+    def __init__(self, img_dim, embed_size, nhead=16, dropout=0.1, residual_weight=0.8, mlp_last_bn=False,
+                 transformer=True):
         super().__init__()
         self.fc = FCMLP(img_dim, embed_size, last_bn=mlp_last_bn)
-        self.aggr = fragment_transformer(embed_size, nhead, dropout)
+        self.aggr = fragment_transformer(embed_size, nhead, dropout) if transformer else None
         self.pool = FragmentPooling(residual_weight)
 
     def forward(self, regions, lengths):
-        """(B, R, D) regions, (B,) counts -> (B, E) normalised embedding, (B, R, E) local features."""
+        """(B, R, D) regions, (B,) counts -> (B, E) embedding before L2 normalisation, (B, R, E) local
+        features."""
         x = self.fc(regions)
         return self.pool(x, lengths, self.aggr), x
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, bert, embed_size, nhead=16, dropout=0.1, residual_weight=0.8):
+    def __init__(self, bert, embed_size, nhead=16, dropout=0.1, residual_weight=0.8, transformer=True):
         super().__init__()
         self.bert = bert
         # the pooler is kept for checkpoint compatibility but unused: freeze it so that no
@@ -129,11 +135,12 @@ class TextEncoder(nn.Module):
         for p in getattr(bert, 'pooler', nn.Identity()).parameters():
             p.requires_grad_(False)
         self.linear = nn.Linear(bert.config.hidden_size, embed_size)
-        self.aggr = fragment_transformer(embed_size, nhead, dropout)
+        self.aggr = fragment_transformer(embed_size, nhead, dropout) if transformer else None
         self.pool = FragmentPooling(residual_weight)
 
     def forward(self, tokens, lengths):
-        """(B, L) ids padded with 0, (B,) lengths -> (B, E) embedding, (B, L, E) word features."""
+        """(B, L) ids padded with 0, (B,) lengths -> (B, E) embedding before L2 normalisation,
+        (B, L, E) word features."""
         hidden = self.bert(input_ids=tokens, attention_mask=(tokens != 0).long()).last_hidden_state
         x = self.linear(hidden)
         return self.pool(x, lengths, self.aggr), x

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from graph_lib import InstanceRelation
-from lib.encoders import ImageEncoder, TextEncoder
+from lib.encoders import ImageEncoder, TextEncoder, l2norm
 from lib.losses import MatchingLoss
 
 
@@ -19,60 +19,80 @@ class Outputs:
 class HREM(nn.Module):
     def __init__(self, args, img_dim, bert):
         super().__init__()
+        transformer = args.fragment_transformer
         self.img_enc = ImageEncoder(img_dim, args.embed_size, args.nhead, args.dropout, args.residual_weight,
-                                    bool(args.mlp_last_bn))
-        self.txt_enc = TextEncoder(bert, args.embed_size, args.nhead, args.dropout, args.residual_weight)
-        self.relation = InstanceRelation(args.embed_size, args.nhead, args.dropout, args.num_layers_enc,
-                                         args.topk, args.threshold, args.mask_weight, args.sigma,
-                                         args.intra_connect)
+                                    bool(args.mlp_last_bn), transformer in ('both', 'image'))
+        self.txt_enc = TextEncoder(bert, args.embed_size, args.nhead, args.dropout, args.residual_weight,
+                                   transformer in ('both', 'text'))
+        # --instance_relation 0: the fragment-level model alone, no relation module at all
+        self.relation = InstanceRelation(
+            args.embed_size, args.nhead, args.dropout, args.num_layers_enc, args.topk, args.threshold,
+            args.mask_weight, args.sigma, bool(args.connection_relation), bool(args.relevance_relation),
+        ) if args.instance_relation else None
         self.base_loss = MatchingLoss(args.base_loss, args.margin, args.trip_cutoff)
         self.gnn_loss = MatchingLoss(args.gnn_loss, args.margin, args.trip_cutoff)
         self.warmup = args.warmup
         self.reg_loss_weight = args.reg_loss_weight
+        self.cross_loss = bool(args.cross_loss)
+        self.norm_input = bool(args.norm_input)
 
     @property
     def img_dim(self):
         return self.img_enc.fc.fc.in_features
 
     def encode_image(self, regions, lengths):
-        return self.img_enc(regions, lengths)
+        """-> (B, E) L2-normalised embedding, (B, R, E) local features."""
+        g, x = self.img_enc(regions, lengths)
+        return l2norm(g), x
 
     def encode_text(self, tokens, lengths):
-        return self.txt_enc(tokens, lengths)
+        """-> (B, E) L2-normalised embedding, (B, L, E) word features."""
+        g, x = self.txt_enc(tokens, lengths)
+        return l2norm(g), x
+
+    def relations_active(self, step):
+        return self.relation is not None and step >= self.warmup
 
     def forward(self, batch, step, max_violation=True, gather=None):
         """Loss of one batch at optimizer step `step` (0-based).
 
-        L = l(v, t) before `warmup` steps; afterwards
-        L = l(v, t) + l(v, t^) + l(v^, t) + l(v^, t^) + reg_loss_weight * KL.
+        L = l(v, t) before `warmup` steps (and always without a relation module); afterwards
+        L = l(v, t) + l(v, t^) + l(v^, t) + l(v^, t^) + reg_loss_weight * KL
+        (without the cross terms l(v, t^), l(v^, t) when cross_loss is off).
         `gather` (distributed training, lib.distributed.GlobalBatch) pads this rank's batch to
         the global sizes and turns per-rank tensors into global-batch tensors; the global part
         then draws random numbers from a stream shared by all ranks.
         """
         if gather is not None:
             batch = gather.pad_batch(batch)
-        img, regions = self.encode_image(batch['regions'], batch['region_lengths'])
-        cap, words = self.encode_text(batch['tokens'], batch['token_lengths'])
-        if step < self.warmup:  # local features only feed the relation module
+        img_raw, regions = self.img_enc(batch['regions'], batch['region_lengths'])
+        cap_raw, words = self.txt_enc(batch['tokens'], batch['token_lengths'])
+        img, cap = l2norm(img_raw), l2norm(cap_raw)
+        active = self.relations_active(step)
+        if not active:  # local features only feed the relation module
             regions = words = None
-        local = (img, cap, regions, words, batch['img_ids'], batch['token_lengths'])
+        if not active or self.norm_input:  # so do the embeddings before normalisation (--norm_input 0)
+            img_raw = cap_raw = None
+        local = (img, cap, regions, words, batch['img_ids'], batch['token_lengths'], img_raw, cap_raw)
         if gather is None:
             return self.batch_loss(*local, step, max_violation)
         with gather.shared_rng(step):
             return self.batch_loss(*gather(*local), step, max_violation)
 
-    def batch_loss(self, img, cap, regions, words, img_ids, word_lengths, step, max_violation):
+    def batch_loss(self, img, cap, regions, words, img_ids, word_lengths, img_raw, cap_raw, step, max_violation):
         # losses and relations in fp32 whatever --precision the encoders ran in
         with torch.autocast(device_type=img.device.type, enabled=False):
             img, cap = img.float(), cap.float()
             base = self.base_loss(img, cap, img_ids, max_violation)
             parts = {'base': base.detach()}
             loss = base
-            if step >= self.warmup:
-                img_hat, cap_hat, reg = self.relation(img, cap, regions.float(), words.float(), word_lengths)
-                gnn = (self.gnn_loss(img, cap_hat, img_ids, max_violation)
-                       + self.gnn_loss(img_hat, cap, img_ids, max_violation)
-                       + self.gnn_loss(img_hat, cap_hat, img_ids, max_violation))
+            if self.relations_active(step):
+                nodes = None if img_raw is None else (img_raw.float(), cap_raw.float())
+                img_hat, cap_hat, reg = self.relation(img, cap, regions.float(), words.float(), word_lengths, nodes)
+                gnn = self.gnn_loss(img_hat, cap_hat, img_ids, max_violation)
+                if self.cross_loss:
+                    gnn = (self.gnn_loss(img, cap_hat, img_ids, max_violation)
+                           + self.gnn_loss(img_hat, cap, img_ids, max_violation) + gnn)
                 loss = loss + gnn + self.reg_loss_weight * reg
                 parts.update(gnn=gnn.detach(), reg=reg.detach())
         parts['total'] = loss.detach()
@@ -89,12 +109,14 @@ def parameter_groups(model, args):
     bert = trainable(model.txt_enc.bert)
     bert_ids = {id(p) for p in bert}
     text_head = [p for p in trainable(model.txt_enc) if id(p) not in bert_ids]
-    return [
+    groups = [
         {'params': text_head, 'lr': lr, 'name': 'text'},
         {'params': bert, 'lr': lr * args.bert_lr_factor, 'name': 'bert'},
         {'params': trainable(model.img_enc), 'lr': lr, 'name': 'image'},
-        {'params': trainable(model.relation), 'lr': lr * args.graph_lr_factor, 'name': 'relation'},
     ]
+    if model.relation is not None:
+        groups.append({'params': trainable(model.relation), 'lr': lr * args.graph_lr_factor, 'name': 'relation'})
+    return groups
 
 
 def build_optimizer(model, args):

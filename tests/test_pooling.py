@@ -47,7 +47,6 @@ def test_image_embedding_ignores_padded_regions():
     # and the padded sample equals the sample encoded alone, without padding
     alone, _ = enc(regions[1:2, :2], lengths[1:2])
     torch.testing.assert_close(emb[1:2], alone, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(emb.norm(dim=1), torch.ones(3))
 
 
 def test_fragment_transformer_ignores_padded_words():
