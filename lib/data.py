@@ -61,9 +61,10 @@ def _folders_with_splits(data_path):
     return found
 
 
-def layout_mistake(data_path, dataset):
+def layout_mistake(data_path, dataset, unnamed=True):
     """(what is wrong, the fix) when the split files of a dataset are not in
-    <data_path>/<dataset>_precomp/ but where a usual unpacking mistake put them; else None."""
+    <data_path>/<dataset>_precomp/ but where a usual unpacking mistake put them; else None.
+    unnamed: also consider split files in a folder whose name does not say which dataset they are."""
     data_path = os.path.normpath(data_path)
     expected = precomp_folder(data_path, dataset)
     name = f'{dataset}{PRECOMP_SUFFIX}'
@@ -79,7 +80,7 @@ def layout_mistake(data_path, dataset):
     named = [f for f in candidates if any(a in os.path.relpath(f, data_path).lower() for a in aliases)]
     if named:
         found = named[0]
-    elif len(candidates) == 1 and dataset not in DATASET_ALIASES or candidates == [data_path]:
+    elif unnamed and (len(candidates) == 1 and dataset not in DATASET_ALIASES or candidates == [data_path]):
         found = candidates[0]
     else:
         return None
