@@ -74,9 +74,12 @@ def layout_mistake(data_path, dataset, unnamed=True):
         return (f'--data_path {data_path} is the {name} folder itself',
                 f'pass --data_path {os.path.dirname(data_path) or "."} (the folder above it)')
     aliases = DATASET_ALIASES.get(dataset, (dataset.lower(),))
-    other = {f'{d}{PRECOMP_SUFFIX}' for d in DATASET_ALIASES if d != dataset}  # laid out right, another dataset
+
+    def another_dataset(folder_name):  # '<name>_precomp' of a dataset whose name is not this one's
+        return (folder_name.endswith(PRECOMP_SUFFIX) and folder_name != name
+                and not any(a in folder_name.lower() for a in aliases))
     candidates = [f for f in _folders_with_splits(data_path)
-                  if not set(os.path.relpath(f, data_path).split(os.sep)) & other]
+                  if not any(map(another_dataset, os.path.relpath(f, data_path).split(os.sep)))]
     named = [f for f in candidates if any(a in os.path.relpath(f, data_path).lower() for a in aliases)]
     if named:
         found = named[0]

@@ -180,6 +180,12 @@ def test_misnamed_precomp_folder(tmp_path, name):
     assert run(tmp_path).ready
 
 
+def test_another_datasets_folder_is_not_taken_for_a_misnamed_one(tmp_path):
+    make_layout(tmp_path, 'coco')
+    make_layout(tmp_path, 'demo', {'train': 2})
+    only_problem(run(tmp_path, 'toy'), f'{tmp_path / "toy_precomp"} holds no split files')
+
+
 def test_float64_features_and_the_conversion_fix(tmp_path):
     folder = make_layout(tmp_path, 'f30k')
     np.save(os.path.join(folder, 'dev_ims.npy'), np.ones((3, 4, 8), np.float64))
@@ -285,3 +291,7 @@ def test_tokenising_progress_only_on_a_terminal_and_when_enabled(tmp_path, token
     assert len(split.tokens) == 15
     assert ('tokenising train captions' in stream.getvalue()) == shown
     assert ('/15' in stream.getvalue()) == shown  # its total: the split's captions
+    # the same convention everywhere: tqdm's disable=None (off when not a terminal), on stderr
+    bar = progress_lib.progress(range(3), enabled=enabled)
+    assert bool(bar.disable) == (not (tty and enabled))
+    bar.close()
