@@ -68,7 +68,8 @@ def test_correct_layout_is_ready_with_its_sizes(tmp_path, dataset):
     needs = '\n'.join(check_data.run_needs(d))
     train_bytes = SMALL[dataset]['train'] * 4 * 8 * 4
     assert check_data.size_text(train_bytes + 128) in needs  # the page cache the training features need
-    assert f'float16 files (tools/convert_features.py --dtype float16) would need {check_data.size_text(train_bytes // 2)}' in needs
+    half = check_data.size_text(train_bytes // 2)
+    assert f'float16 files (tools/convert_features.py --dtype float16) would need {half}' in needs
     assert f'model selection: dev, its first {5 * SMALL[dataset]["dev"]} captions' in needs
     test = 'testall' if dataset == 'coco' else 'test'
     assert f'final test: {test}, {SMALL[dataset][test]} images' in needs
@@ -180,9 +181,9 @@ def test_misnamed_precomp_folder(tmp_path, name):
     assert run(tmp_path).ready
 
 
-def test_another_datasets_folder_is_not_taken_for_a_misnamed_one(tmp_path):
-    make_layout(tmp_path, 'coco')
-    make_layout(tmp_path, 'demo', {'train': 2})
+@pytest.mark.parametrize('other', ['coco', 'demo'])
+def test_another_datasets_folder_is_not_taken_for_a_misnamed_one(tmp_path, other):
+    make_layout(tmp_path, other, {'train': 2})
     only_problem(run(tmp_path, 'toy'), f'{tmp_path / "toy_precomp"} holds no split files')
 
 

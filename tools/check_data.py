@@ -100,8 +100,9 @@ def check_split(data_path, dataset, name, full):
             info.images, info.regions, info.feature_size = images.shape
             info.dtype, info.bytes = str(images.dtype), os.path.getsize(info.ims_path)
             if images.dtype.itemsize > 4:
-                findings.append(Finding(f'{info.ims_path} holds {images.dtype} features: twice the disk space and '
-                                        'page cache of float32 for no gain (the model computes in float32)',
+                findings.append(Finding(f'{info.ims_path} holds {images.dtype} features: {images.dtype.itemsize // 4} '
+                                        'times the disk space and page cache of float32 for no gain (the model '
+                                        'computes in float32)',
                                         float64_fix(data_path, dataset)))
             if full:
                 bad = find_nonfinite(images, show_progress=True, desc=f'scanning {os.path.basename(info.ims_path)}')
@@ -139,7 +140,8 @@ def compare_with_standard(report, standard):
                      "train.py's final test uses it" if name == 'testall' else '')
             report.findings.append(Finding(
                 f'{report.folder} has no {name} split ({n_images} images expected){extra}',
-                f'unpack {name}_ims.npy and {name}_caps.txt from the {report.name} precomp archive into {report.folder}'))
+                f'unpack {name}_ims.npy and {name}_caps.txt from the {report.name} precomp archive into '
+                f'{report.folder}'))
             continue
         info.standard_images = n_images
         if info.images is not None and info.images != n_images:

@@ -28,7 +28,7 @@ from tqdm import tqdm  # noqa: E402
 from lib.data import load_captions  # noqa: E402
 from lib.distributed import pick_device  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
-from lib.images import image_list_path, list_images, read_image  # noqa: E402
+from lib.images import list_images, read_image  # noqa: E402
 
 CAPTIONS_PER_IMAGE = 5
 BACKBONES = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
