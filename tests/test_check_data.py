@@ -296,3 +296,12 @@ def test_tokenising_progress_only_on_a_terminal_and_when_enabled(tmp_path, token
     bar = progress_lib.progress(range(3), enabled=enabled)
     assert bool(bar.disable) == (not (tty and enabled))
     bar.close()
+
+
+def test_no_dataset_and_a_hub_name(tmp_path):
+    report = check_data.check(str(tmp_path / 'absent'), bert_path='bert-base-uncased')
+    assert not report.ready and not report.datasets
+    assert lines(report) == [f'--data_path {tmp_path / "absent"} does not exist; fix: unpack the precomp archives '
+                             'there (see README "Data")']
+    (warning,) = lines(report, check_data.WARNING)
+    assert 'bert-base-uncased is not a folder: train.py will ask the model hub for it' in warning

@@ -208,8 +208,10 @@ def check_bert(bert_path):
     except UserError as err:
         return [Finding(str(err))]
     if not os.path.isdir(bert_path):
-        return [Finding(f'--bert_path {bert_path} is a hub name: train.py downloads it at start, which needs '
-                        'network access', 'download it into a folder (see README "Data") for offline runs', WARNING)]
+        return [Finding(f'text model {bert_path} is not a folder: train.py will ask the model hub for it at start '
+                        '(network access needed)', f'for offline runs download bert-base-uncased into a folder, e.g. '
+                        'huggingface-cli download bert-base-uncased --local-dir data/bert-base-uncased, and pass '
+                        'it with --bert_path', WARNING)]
     return []
 
 
@@ -292,7 +294,8 @@ def check(data_path, dataset=None, bert_path=None, full=False, standard_sizes=No
     if not reports:
         shallow = layout_mistake(data_path, 'NAME')  # split files in data_path itself
         missing = [Finding(shallow[0], f"{shallow[1]} (NAME: f30k, coco or your dataset's name)") if shallow else
-                   Finding(f'no <dataset>_precomp folder in {data_path}',
+                   Finding(f'no <dataset>_precomp folder in {data_path}' if os.path.isdir(data_path) else
+                           f'--data_path {data_path} does not exist',
                            'unpack the precomp archives there (see README "Data")')]
     return Report(data_path, reports, bert_path, check_bert(bert_path), missing)
 
