@@ -48,7 +48,7 @@ def checkpoint_sims(opts):
         split_name = opts.split or arguments.test_split_of(dataset)
         key = (data_path, dataset, split_name, args.bert_path)
         if key not in splits:  # captions are tokenised once per text model
-            splits[key] = PrecompSplit(data_path, dataset, split_name, tokenizer)
+            splits[key] = PrecompSplit(data_path, dataset, split_name, tokenizer, show_progress=True)
             if opts.fold5:  # before any encoding
                 check_fold5(splits[key].n_images, splits[key].ims_path)
             splits[key].check_finite()

@@ -27,9 +27,9 @@ from lib.data import (PrecompSplit, TextSpec, captions_per_image, load_captions,
 from lib.distributed import pick_device
 from lib.errors import UserError, exit_on_user_error
 from lib.evaluation import encode_captions, encode_images
+from lib.images import image_list_path, list_images, read_image
 from lib.inference import build_model, checkpoint_args
 from lib.text_model import load_tokenizer
-from tools.extract_features import image_list_path, list_images, read_image
 
 # contact sheet layout (pixels)
 MARGIN = 10
@@ -129,7 +129,7 @@ def gallery(session, data_path, dataset, split, batch_size):
     else:
         info(f'encoding the gallery {ims_path} ({len(images)} images, {len(captions)} captions) once; '
              f'cached in {path}')
-        split_data = PrecompSplit(data_path, dataset, split, session.tokenizer)
+        split_data = PrecompSplit(data_path, dataset, split, session.tokenizer, show_progress=True)
         if split_data.feature_size != session.model.img_dim:
             raise UserError(f'{ims_path} has {split_data.feature_size}-d region features; {session.path} '
                             f'expects {session.model.img_dim}-d (extract them with the same backbone)')
@@ -187,7 +187,7 @@ def contact_sheet(header, cells, thumb):
 
 def gallery_files(image_dir, precomp_folder, split, n_images):
     listing = image_list_path(precomp_folder, split)
-    names = load_captions(listing) if os.path.isfile(listing) else list_images(image_dir)
+    names = load_captions(listing) if os.path.isfile(listing) else list_images(image_dir, '--image_dir')
     if len(names) != n_images:
         source = listing if os.path.isfile(listing) else f'sorted image files of {image_dir}'
         raise UserError(f'{source} names {len(names)} images but the gallery has {n_images}; --image_dir must '

@@ -15,7 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 import arguments
 from lib import checkpoint as ckpt_lib
 from lib import run_folder
-from lib.data import PrecompSplit, TrainDataset, collate
+from lib.data import PrecompSplit, TrainDataset, check_feature_sizes, collate
 from lib.demo_data import ensure_demo
 from lib.distributed import barrier, cleanup, init_distributed, wrap_ddp
 from lib.engine import TrainState, train_one_epoch, unwrap, validate
@@ -128,13 +128,11 @@ def main(argv=None):
 
     # cheap checks of every input first: nothing is created or built when one fails
     tokenizer = load_tokenizer(args.bert_path)
-    train_split = PrecompSplit(args.data_path, args.dataset, 'train', tokenizer)
-    val_split = PrecompSplit(args.data_path, args.dataset, args.val_split, tokenizer)
-    test_split = PrecompSplit(args.data_path, args.dataset, arguments.test_split_of(args.dataset), tokenizer)
+    train_split, val_split, test_split = (
+        PrecompSplit(args.data_path, args.dataset, name, tokenizer, show_progress=env.is_main)
+        for name in ('train', args.val_split, arguments.test_split_of(args.dataset)))
+    check_feature_sizes([train_split, val_split, test_split])
     for split in (val_split, test_split):
-        if split.feature_size != train_split.feature_size:
-            raise UserError(f'{split.ims_path} has feature size {split.feature_size}, '
-                            f'{train_split.ims_path} has {train_split.feature_size}')
         split.check_finite()  # the training split is checked image by image as it is read
     init = resume_ckpt or (ckpt_lib.read_checkpoint(args.init_from) if args.init_from else None)
     source = args.resume or args.init_from

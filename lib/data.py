@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from lib.errors import UserError
+from lib.progress import progress
 
 DEV_CAPTION_CAP = 5000  # the authors evaluate dev on its first 5000 captions (1000 images)
 
@@ -21,21 +22,129 @@ WORD_PERTURB_PROB = 0.2
 MASK_SHARE, RANDOM_SHARE = 0.5, 0.1  # the remaining 0.4 deletes the word
 REGION_DROP_PROB = 0.2
 
+SPLIT_SUFFIXES = ('_ims.npy', '_caps.txt')
+PRECOMP_SUFFIX = '_precomp'
+SEARCH_DEPTH = 3  # folder levels below --data_path searched for misplaced split files
+# folder names that say which dataset a misplaced folder holds
+DATASET_ALIASES = {'f30k': ('f30k', 'flickr'), 'coco': ('coco',)}
+
+
+def precomp_folder(data_path, dataset):
+    return os.path.join(data_path, f'{dataset}{PRECOMP_SUFFIX}')
+
 
 def split_files(data_path, dataset, split):
-    folder = os.path.join(data_path, f'{dataset}_precomp')
+    folder = precomp_folder(data_path, dataset)
     return os.path.join(folder, f'{split}_ims.npy'), os.path.join(folder, f'{split}_caps.txt')
+
+
+def _split_names(file_names):
+    return {n[:-len(s)] for n in file_names for s in SPLIT_SUFFIXES if n.endswith(s) and len(n) > len(s)}
+
+
+def splits_in(folder):
+    """Names of the splits that have a feature or a caption file in folder."""
+    try:
+        return _split_names(os.listdir(folder))
+    except OSError:
+        return set()
+
+
+def _folders_with_splits(data_path):
+    found = []
+    for root, dirs, files in os.walk(data_path, followlinks=True):  # data folders are often links
+        dirs.sort()
+        if root != data_path and os.path.relpath(root, data_path).count(os.sep) + 1 >= SEARCH_DEPTH:
+            dirs[:] = []
+        if _split_names(files):
+            found.append(os.path.normpath(root))
+    return found
+
+
+def layout_mistake(data_path, dataset, unnamed=True):
+    """(what is wrong, the fix) when the split files of a dataset are not in
+    <data_path>/<dataset>_precomp/ but where a usual unpacking mistake put them; else None.
+    unnamed: also consider split files in a folder whose name does not say which dataset they are."""
+    data_path = os.path.normpath(data_path)
+    expected = precomp_folder(data_path, dataset)
+    name = f'{dataset}{PRECOMP_SUFFIX}'
+    if splits_in(expected):
+        return None
+    if os.path.basename(data_path) == name and splits_in(data_path):
+        return (f'--data_path {data_path} is the {name} folder itself',
+                f'pass --data_path {os.path.dirname(data_path) or "."} (the folder above it)')
+    aliases = DATASET_ALIASES.get(dataset, (dataset.lower(),))
+
+    def another_dataset(folder_name):  # '<name>_precomp' of a dataset whose name is not this one's
+        return (folder_name.endswith(PRECOMP_SUFFIX) and folder_name != name
+                and not any(a in folder_name.lower() for a in aliases))
+    candidates = [f for f in _folders_with_splits(data_path)
+                  if not any(map(another_dataset, os.path.relpath(f, data_path).split(os.sep)))]
+    named = [f for f in candidates if any(a in os.path.relpath(f, data_path).lower() for a in aliases)]
+    if named:
+        found = named[0]
+    elif unnamed and (len(candidates) == 1 and dataset not in DATASET_ALIASES or candidates == [data_path]):
+        found = candidates[0]
+    else:
+        return None
+    if found == data_path:
+        return (f'the split files lie directly in {data_path}: one folder level too shallow',
+                f'mkdir {expected} && mv {data_path}/*_ims.npy {data_path}/*_caps.txt {expected}/')
+    move = f'mv {found}/* {expected}/' if os.path.isdir(expected) else f'mv {found} {expected}'
+    inside = found.startswith(expected + os.sep)
+    levels = os.path.relpath(found, expected if inside else data_path).count(os.sep) + inside
+    if inside or os.path.basename(found) == name:
+        fix = move + (' and delete the emptied folder' if inside else '')
+        if os.path.basename(found) == name:
+            fix += f', or pass --data_path {os.path.dirname(found)}'
+        return f'the split files lie in {found}: {levels} folder level{"s" * (levels > 1)} too deep', fix
+    if os.path.dirname(found) == data_path:
+        return f'the {dataset} split files lie in {found}: the folder is misnamed', f'{move} (it must be named {name})'
+    return f'the {dataset} split files lie in {found}, not in {expected}', move
+
+
+def _layout_hint(folder):
+    """': <mistake>; fix: <fix>' for a <data_path>/<dataset>_precomp folder that lacks its files."""
+    base = os.path.basename(folder)
+    if not base.endswith(PRECOMP_SUFFIX):
+        return ''
+    mistake = layout_mistake(os.path.dirname(folder) or '.', base[:-len(PRECOMP_SUFFIX)])
+    return f': {mistake[0]}; fix: {mistake[1]}' if mistake else ''
+
+
+def read_npy_header(path):
+    """(shape, dtype) of a .npy file, read from its header alone;
+    raises UserError for a file that is not a .npy array or holds fewer bytes than its header says."""
+    try:
+        with open(path, 'rb') as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f'unsupported .npy version {version}')
+            shape, _, dtype = read_header(f)
+            offset = f.tell()
+    except (ValueError, OSError, EOFError) as err:
+        raise UserError(f'{path} is not a readable .npy array ({err}); re-create or re-download it') from err
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = os.path.getsize(path)
+    if size < expected:
+        raise UserError(f'{path} is truncated: {size} of the {expected} bytes its header announces '
+                        f'(shape {shape}); the download or unpacking stopped early. Unpack it again from a '
+                        'complete archive (check the archive\'s size or checksum)')
+    return shape, dtype
 
 
 def load_images(path):
     """Memory-map a region-feature array and check its shape and values' type."""
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
-        raise UserError(f'data folder {folder} does not exist; check --data_path and --dataset '
-                        '(the features are read from <data_path>/<dataset>_precomp/, see README "Data")')
+        raise UserError(f'data folder {folder} does not exist{_layout_hint(folder)}; check --data_path and '
+                        '--dataset (the features are read from <data_path>/<dataset>_precomp/, see README "Data")')
     if not os.path.isfile(path):
-        raise UserError(f'missing feature file {path}; see README "Data" for the precomp layout '
-                        '(or check --data_path / --dataset)')
+        raise UserError(f'missing feature file {path}{_layout_hint(folder)}; see README "Data" for the precomp '
+                        'layout (or check --data_path / --dataset)')
+    read_npy_header(path)
     try:
         images = np.load(path, mmap_mode='r')
     except (ValueError, OSError) as err:
@@ -49,22 +158,59 @@ def load_images(path):
     return images
 
 
-def load_captions(path):
+def read_caption_lines(path):
+    """Every line of a caption file, stripped (also of Windows line ends), blank ones included."""
     if not os.path.isfile(path):
         raise UserError(f'missing caption file {path}; see README "Data" for the precomp layout')
-    with open(path, encoding='utf-8') as f:
-        captions = [line.rstrip('\n').strip() for line in f]
+    try:
+        with open(path, encoding='utf-8') as f:
+            return [line.rstrip('\n').strip() for line in f]
+    except UnicodeDecodeError as err:
+        raise UserError(f'{path} is not UTF-8 text ({err.reason} at byte {err.start}); re-extract it from the '
+                        'archive, or convert it with iconv -t utf-8') from err
+
+
+def check_caption_lines(path, captions):
     empty = [i + 1 for i, c in enumerate(captions) if not c]
+    trailing = next((i for i, c in enumerate(reversed(captions)) if c), len(captions))
+    if empty and len(empty) == trailing < len(captions):
+        raise UserError(f'{path} ends with {trailing} blank line(s) after its {len(captions) - trailing} captions; '
+                        f"delete them: sed -i '/^[[:space:]]*$/d' {path}")
     if empty:
         shown = ', '.join(map(str, empty[:5])) + (' ...' if len(empty) > 5 else '')
         raise UserError(f'{path} has {len(empty)} empty caption line(s) (line {shown}); '
                         'every line must hold one caption')
+
+
+def load_captions(path):
+    captions = read_caption_lines(path)
+    check_caption_lines(path, captions)
     return captions
 
 
 def nonfinite_error(ims_path, image_index):
     return UserError(f'{ims_path} holds NaN or infinite values (image {image_index}); re-extract the '
                      'features or remove that image and its captions')
+
+
+def find_nonfinite(images, chunk=512, show_progress=False, desc='scanning for NaN/inf'):
+    """Index of the first image holding NaN or inf, or None; read in chunks, so a memory-mapped
+    array stays on disk."""
+    with progress(total=len(images), enabled=show_progress, desc=desc, unit='image', unit_scale=True) as bar:
+        for start in range(0, len(images), chunk):
+            block = np.asarray(images[start:start + chunk])
+            if not np.isfinite(block).all():
+                return start + int(np.nonzero(~np.isfinite(block).reshape(len(block), -1).all(1))[0][0])
+            bar.update(len(block))
+    return None
+
+
+def check_feature_sizes(splits):
+    """Every split (anything with ims_path and feature_size) must have the first one's feature size."""
+    for split in splits[1:]:
+        if split.feature_size != splits[0].feature_size:
+            raise UserError(f'{split.ims_path} has feature size {split.feature_size}, '
+                            f'{splits[0].ims_path} has {splits[0].feature_size}')
 
 
 def captions_per_image(n_images, n_captions, caps_path, ims_path):
@@ -94,16 +240,18 @@ class TokenizedCaptions:
 TOKENIZE_CHUNK = 10000  # captions per tokenizer call: bounds the tokenizer's temporary memory
 
 
-def tokenize_captions(tokenizer, captions):
+def tokenize_captions(tokenizer, captions, show_progress=False, desc='tokenising'):
     # Words are split as BERT's basic tokenizer does (whitespace and punctuation); word_ids()
     # of the fast tokenizer says which word each piece came from (transformers 4.x and 5.x).
     ids, words, lengths = [], [], []
-    for start in range(0, len(captions), TOKENIZE_CHUNK):
-        enc = tokenizer(list(captions[start:start + TOKENIZE_CHUNK]), add_special_tokens=False)
-        for i, piece_ids in enumerate(enc['input_ids']):
-            ids.append(np.asarray(piece_ids, np.int32))
-            words.append(np.asarray(enc.word_ids(i), np.int32))
-            lengths.append(len(piece_ids))
+    with progress(total=len(captions), enabled=show_progress, desc=desc, unit='caption', unit_scale=True) as bar:
+        for start in range(0, len(captions), TOKENIZE_CHUNK):
+            enc = tokenizer(list(captions[start:start + TOKENIZE_CHUNK]), add_special_tokens=False)
+            for i, piece_ids in enumerate(enc['input_ids']):
+                ids.append(np.asarray(piece_ids, np.int32))
+                words.append(np.asarray(enc.word_ids(i), np.int32))
+                lengths.append(len(piece_ids))
+            bar.update(len(enc['input_ids']))
     offsets = np.concatenate(([0], np.cumsum(lengths, dtype=np.int64)))
     return TokenizedCaptions(np.concatenate(ids) if ids else np.zeros(0, np.int32),
                              np.concatenate(words) if words else np.zeros(0, np.int32), offsets)
@@ -142,8 +290,10 @@ class TextSpec:
 class PrecompSplit:
     """One split of a precomp dataset: memory-mapped regions and tokenised captions."""
 
-    def __init__(self, data_path, dataset, split, tokenizer, max_captions=None):
+    def __init__(self, data_path, dataset, split, tokenizer, max_captions=None, show_progress=False):
+        """show_progress: progress bars while tokenising and scanning (rank 0 only)."""
         self.ims_path, self.caps_path = split_files(data_path, dataset, split)
+        self.show_progress = show_progress
         self.images = load_images(self.ims_path)
         captions = load_captions(self.caps_path)
         self.per_image = captions_per_image(len(self.images), len(captions), self.caps_path, self.ims_path)
@@ -155,7 +305,7 @@ class PrecompSplit:
             captions = captions[:n_images * self.per_image]
             self.images = self.images[:n_images]
         self.captions = captions
-        self.tokens = tokenize_captions(tokenizer, captions)
+        self.tokens = tokenize_captions(tokenizer, captions, show_progress, f'tokenising {split} captions')
         self.text = TextSpec(tokenizer)
 
     @property
@@ -171,11 +321,9 @@ class PrecompSplit:
 
     def check_finite(self, chunk=512):
         """Fail on NaN/inf features (checked in chunks: the array stays memory-mapped)."""
-        for start in range(0, self.n_images, chunk):
-            block = np.asarray(self.images[start:start + chunk])
-            if not np.isfinite(block).all():
-                bad = start + int(np.nonzero(~np.isfinite(block).reshape(len(block), -1).all(1))[0][0])
-                raise nonfinite_error(self.ims_path, bad)
+        bad = find_nonfinite(self.images, chunk, self.show_progress, f'scanning {os.path.basename(self.ims_path)}')
+        if bad is not None:
+            raise nonfinite_error(self.ims_path, bad)
 
 
 def advise_random_access(images):

@@ -15,6 +15,7 @@ import torch
 from lib.data import pad_batch
 from lib.errors import UserError
 from lib.precision import autocast
+from lib.progress import progress
 
 RECALL_AT = (1, 5, 10)
 ROW_CHUNK = 1024  # rows ranked at a time: bounds the temporary boolean matrix
@@ -84,7 +85,7 @@ def evaluate_sims(sims, fold5=False):
         check_fold5(sims.shape[0])
         folds = [rank_metrics(sims[i * FOLD_IMAGES:(i + 1) * FOLD_IMAGES,
                                    i * 5 * FOLD_IMAGES:(i + 1) * 5 * FOLD_IMAGES], f'1k-fold{i}')
-                 for i in range(5)]
+                 for i in progress(range(5), desc='ranking the 1K folds', unit='fold')]
         mean = {'name': '1k-mean', 'n_images': FOLD_IMAGES, 'n_captions': 5 * FOLD_IMAGES}
         for side in ('i2t', 't2i'):
             mean[side] = {k: float(np.mean([f[side][k] for f in folds])) for k in folds[0][side]}
@@ -107,7 +108,7 @@ def format_result(r):
 def encode_images(model, images, device, batch_size=128, precision='fp32'):
     """(N, R, D) array (memory-mapped is fine) -> (N, E) float32 numpy, every region valid."""
     out = []
-    for start in range(0, len(images), batch_size):
+    for start in progress(range(0, len(images), batch_size), desc='encoding images', unit='batch'):
         block = torch.from_numpy(np.array(images[start:start + batch_size], dtype=np.float32)).to(device)
         lengths = torch.full((len(block),), block.shape[1], device=device)
         with autocast(device, precision):
@@ -121,7 +122,7 @@ def encode_captions(model, split, device, batch_size=128, precision='fp32'):
     """Every caption of a PrecompSplit -> (M, E) float32 numpy (no augmentation)."""
     out = []
     n = len(split.tokens)
-    for start in range(0, n, batch_size):
+    for start in progress(range(0, n, batch_size), desc='encoding captions', unit='batch'):
         ids = [split.text.encode(*split.tokens.pieces(c)) for c in range(start, min(n, start + batch_size))]
         tokens, lengths = pad_batch(ids, np.int64)
         with autocast(device, precision):

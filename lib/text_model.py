@@ -20,14 +20,45 @@ def _looks_like_path(name):
             or ('/' in name and os.path.isdir(name.split('/')[0])))
 
 
-def _check_location(bert_path):
+WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'model.safetensors.index.json',
+                'pytorch_model.bin.index.json')
+NESTED_DEPTH = 4  # an archive's extra folder, or a hub cache's models--x/snapshots/<hash>/
+
+
+def _nested_model_folder(folder):
+    """The first folder below folder that holds a config.json, or None."""
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        if root == folder:
+            continue
+        if 'config.json' in files:
+            return root
+        if os.path.relpath(root, folder).count(os.sep) + 1 >= NESTED_DEPTH:
+            dirs[:] = []
+    return None
+
+
+def check_location(bert_path, weights=False):
+    """A folder must hold config.json and vocab.txt, and with weights=True also the weights (a
+    model built from a checkpoint needs none). A hub name is left to the hub."""
     if os.path.isdir(bert_path):
         missing = [f for f in ('config.json', 'vocab.txt') if not os.path.isfile(os.path.join(bert_path, f))]
-        if missing:
-            raise UserError(f'text model folder {bert_path} lacks {", ".join(missing)}; it must hold the '
-                            'files of a BERT model (config.json, vocab.txt, weights), e.g. a copy of '
-                            'bert-base-uncased, or pass --bert_path with a folder that does')
-    elif _looks_like_path(bert_path):
+        if weights and not any(os.path.isfile(os.path.join(bert_path, f)) for f in WEIGHT_FILES):
+            missing.append('weights (model.safetensors or pytorch_model.bin)')
+        if not missing:
+            return
+        lacks = f'text model folder {bert_path} lacks {", ".join(missing)}'
+        nested = _nested_model_folder(bert_path)
+        if nested:
+            raise UserError(f'{lacks}: the model files are in {nested}, a folder level too deep; pass '
+                            f'--bert_path {nested} or move its files up into {bert_path}')
+        if os.path.isfile(os.path.join(bert_path, 'bert_config.json')):
+            raise UserError(f"{lacks}: it holds Google's original TensorFlow release (bert_config.json); "
+                            'download the Hugging Face copy instead: huggingface-cli download '
+                            f'bert-base-uncased --local-dir {bert_path}')
+        raise UserError(f'{lacks}; it must hold the files of a BERT model (config.json, vocab.txt, weights), '
+                        'e.g. a copy of bert-base-uncased, or pass --bert_path with a folder that does')
+    if _looks_like_path(bert_path):
         raise UserError(f'text model folder {bert_path} does not exist; download bert-base-uncased '
                         'into it (see README, "Data") or pass --bert_path')
 
@@ -42,7 +73,7 @@ def _hub_error(bert_path, err):
 def load_tokenizer(bert_path):
     """A fast (Rust) BERT tokenizer: its word_ids() drive the word-level augmentation."""
     from transformers import AutoTokenizer
-    _check_location(bert_path)
+    check_location(bert_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(bert_path, use_fast=True)
     except (OSError, ValueError) as err:
@@ -56,7 +87,7 @@ def load_text_backbone(bert_path, pretrained=True):
     """BertModel from bert_path; with pretrained=False only its config is read (weights come
     from a checkpoint)."""
     from transformers import BertConfig, BertModel
-    _check_location(bert_path)
+    check_location(bert_path, weights=pretrained)
     try:
         if pretrained:
             return BertModel.from_pretrained(bert_path)

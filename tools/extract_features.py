@@ -28,24 +28,12 @@ from tqdm import tqdm  # noqa: E402
 from lib.data import load_captions  # noqa: E402
 from lib.distributed import pick_device  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
+from lib.images import list_images, read_image  # noqa: E402
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 CAPTIONS_PER_IMAGE = 5
 BACKBONES = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
              'resnext50_32x4d', 'resnext101_32x8d', 'wide_resnet50_2', 'wide_resnet101_2')
 COPY_CHUNK = 256  # images per block when compacting the array after skipped images
-
-
-def image_list_path(out, split):
-    return os.path.join(out, f'{split}_images.txt')
-
-
-def list_images(folder):
-    """The JPEG/PNG files of a folder, sorted by file name."""
-    if not os.path.isdir(folder):
-        raise UserError(f'--images {folder} is not a folder')
-    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)
-                  and os.path.isfile(os.path.join(folder, f)))
 
 
 def read_index(path):
@@ -53,16 +41,6 @@ def read_index(path):
         raise UserError(f'--index {path} does not exist')
     with open(path, encoding='utf-8') as f:
         return [line.strip() for line in f if line.strip()]
-
-
-def read_image(path):
-    """BGR uint8 array, or None when the file is missing or not an image OpenCV can decode.
-    (np.fromfile + imdecode also works with non-ASCII paths, where cv2.imread does not.)"""
-    try:
-        data = np.fromfile(path, np.uint8)
-        return cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    except (OSError, cv2.error):
-        return None
 
 
 class ImageFiles(torch.utils.data.Dataset):
