@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The paper's ablations on the built-in demo: one run per switch and seed, then one table.
+#   bash bench/ablations.sh [SEED ...]        (default seeds: 0)
+# Runs go to runs/ablations/<name>_s<seed>; an existing finished run is skipped, so the script
+# can be rerun to add seeds. Each run is the demo's `python train.py` with one switch changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seeds=("${@:-0}")
+declare -A variants=(
+  [full]=""
+  [no_instance_relation]="--instance_relation 0"
+  [no_connection]="--connection_relation 0"
+  [no_relevance]="--relevance_relation 0"
+  [no_regulariser]="--reg_loss_weight 0"
+  [no_cross_loss]="--cross_loss 0"
+  [no_fragment_transformer]="--fragment_transformer none"
+)
+for seed in "${seeds[@]}"; do
+  for name in full no_instance_relation no_connection no_relevance no_regulariser no_cross_loss no_fragment_transformer; do
+    folder="runs/ablations/${name}_s${seed}"
+    if [ -f "$folder/results.json" ]; then echo "skip $folder (done)"; continue; fi
+    echo "== $folder: python train.py --seed $seed ${variants[$name]}"
+    # shellcheck disable=SC2086
+    python train.py --seed "$seed" --logger_name "$folder" --overwrite ${variants[$name]} > /dev/null
+  done
+done
+if [ -f tools/results_table.py ]; then python tools/results_table.py runs/ablations/*; fi
