@@ -128,3 +128,57 @@ def test_trip_never_samples_same_image_pairs_in_both_directions():
         assert (w[pos] == 0).all()
     torch.manual_seed(0)
     assert torch.isfinite(loss(img, cap, ids))
+
+
+def test_trip_in_both_directions_equals_a_per_anchor_loop(monkeypatch):
+    """HREM's trip losses as --dataset coco --margin 0.35 builds them (cut-off 1.9), against a
+    per-anchor loop in both directions; the draws are recorded, not re-made."""
+    import arguments
+    from conftest import tiny_bert
+    from lib.model import HREM
+    args = arguments.parse_train_args(['--dataset', 'coco', '--margin', '0.35', '--embed_size', '32',
+                                       '--nhead', '4', '--base_loss', 'trip', '--gnn_loss', 'trip'])
+    assert args.trip_cutoff == 1.9  # the authors' COCO cut-off
+    model = HREM(args, 8, tiny_bert())
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(8, 3, generator=g), dim=1)  # 3-d: distances spread over 0 .. 2
+    cap = F.normalize(img + 0.5 * torch.randn(8, 3, generator=g), dim=1)
+    ids = torch.tensor([0, 0, 1, 2, 3, 4, 4, 5])
+    s = (img @ cap.t()).numpy()
+    pos = (ids[:, None] == ids[None, :]).numpy()
+
+    draws = []
+    real_multinomial = torch.multinomial
+
+    def recording(weights, n, generator=None):
+        drawn = real_multinomial(weights, n, generator=generator)
+        draws.append((weights.clone(), drawn[:, 0].tolist()))
+        return drawn
+    monkeypatch.setattr(torch, 'multinomial', recording)
+
+    between = 0
+    for loss in (model.base_loss, model.gnn_loss):
+        draws.clear()
+        got = loss(img, cap, ids).item()
+        assert len(draws) == 2  # one draw per direction
+        want = 0.0
+        # direction 1: image anchors over captions (rows of s); direction 2: caption anchors over images
+        for (weights, drawn), s_dir in zip(draws, (s, s.T)):
+            naive_w, d = naive_dws_weights(s_dir, pos, 1.9)
+            between += int(((naive_w > 0) & (d >= 1.7)).sum())
+            row = 0
+            for a in range(8):
+                for p in range(8):
+                    if ids[p] != ids[a]:
+                        continue
+                    if naive_w[a].sum() > 0:
+                        w = weights[row].double().numpy()  # rows normalise with + 1e-20: compare shapes
+                        np.testing.assert_allclose(w / w.sum(), naive_w[a], rtol=1e-4, atol=1e-7)
+                        n = drawn[row]
+                        assert ids[n] != ids[a] and d[a, n] < 1.9
+                        want += max(0.0, 0.35 + s_dir[a, n] - s_dir[a, p])
+                    row += 1
+            assert row == len(drawn)
+        assert got == pytest.approx(want, rel=1e-5)
+        assert want > 0
+    assert between > 0  # negatives between 1.7 and 1.9 were eligible: the COCO cut-off is in force
