@@ -182,3 +182,50 @@ def test_trip_in_both_directions_equals_a_per_anchor_loop(monkeypatch):
         assert got == pytest.approx(want, rel=1e-5)
         assert want > 0
     assert between > 0  # negatives between 1.7 and 1.9 were eligible: the COCO cut-off is in force
+
+
+class Scalars:
+    """A stand-in TensorBoard writer that keeps what train_one_epoch logs."""
+
+    def __init__(self):
+        self.values = {}
+
+    def add_scalar(self, tag, value, step):
+        self.values[tag] = value
+
+    def flush(self):
+        pass
+
+
+def test_vse_sums_for_the_warmup_epochs_then_takes_the_hardest():
+    """--vse_mean_warmup_epochs 2: epochs 0 and 1 sum over negatives, epoch 2 on the hardest;
+    --max_violation: the hardest from epoch 0 on. The logged loss of one step of train.py's
+    epoch loop against vse_direct on the same embeddings."""
+    from conftest import tiny_args, tiny_bert
+    from lib.distributed import DistEnv
+    from lib.engine import TrainState, train_one_epoch
+    from lib.model import HREM, build_optimizer
+    from lib.precision import grad_scaler
+    from test_relations import fake_batch
+    args = tiny_args('--base_loss', 'vse', '--gnn_loss', 'vse', '--dropout', '0', '--warmup', '100',
+                     '--vse_mean_warmup_epochs', '2', '--margin', '0.3', '--batch_size', '6')
+    model = HREM(args, 24, tiny_bert())
+    optimizer, _ = build_optimizer(model, args)
+    env = DistEnv(0, 1, 0, torch.device('cpu'))
+    batch = fake_batch()
+    ids = batch['img_ids'].tolist()
+    for max_violation, epoch in ((False, 0), (False, 1), (False, 2), (True, 0)):
+        args.max_violation = max_violation
+        hardest_from = 0 if max_violation else 2
+        model.train()
+        with torch.no_grad():
+            img, _ = model.encode_image(batch['regions'], batch['region_lengths'])
+            cap, _ = model.encode_text(batch['tokens'], batch['token_lengths'])
+        sims = (img @ cap.t()).tolist()
+        summed, hardest = vse_direct(sims, ids, 0.3, False), vse_direct(sims, ids, 0.3, True)
+        assert summed > hardest + 0.1  # the two objectives are told apart
+        writer = Scalars()
+        train_one_epoch(model, [batch], optimizer, grad_scaler(env.device, 'fp32'), TrainState(epoch), args, env,
+                        writer)
+        want = hardest if epoch >= hardest_from else summed
+        assert writer.values['train/loss'] == pytest.approx(want, rel=1e-5), (max_violation, epoch)
