@@ -112,7 +112,8 @@ def add_loss_args(parser):
     g = parser.add_argument_group('objective')
     g.add_argument('--base_loss', default='trip', choices=['trip', 'vse'], help='loss on (v, t)')
     g.add_argument('--gnn_loss', default='trip', choices=['trip', 'vse'], help='loss on the enhanced pairs')
-    g.add_argument('--margin', type=float, default=0.2, help='hinge margin of both losses')
+    g.add_argument('--margin', type=float, default=0.2,
+                   help="hinge margin of both losses (the authors' trip loss always uses 0.2)")
     g.add_argument('--trip_cutoff', type=float, default=1.7,
                    help='distance-weighted sampling ignores negatives at distance >= cutoff '
                         '(1.7 Flickr30K, 1.9 COCO)')
@@ -162,7 +163,9 @@ def get_train_parser():
     g = parser.add_argument_group('run')
     g.add_argument('--logger_name', default=None, help='run folder (default: runs/<dataset>)')
     g.add_argument('--log_step', type=int, default=200, help='steps between lines of the text log')
-    g.add_argument('--val_split', default='dev', help="split for model selection; 'test' as the authors")
+    g.add_argument('--val_split', default='dev',
+                   help="split for model selection (dev: its first 5000 captions); the authors select on "
+                        "'test' (Flickr30K) or 'testall' (COCO)")
     g.add_argument('--resume', default=None, help='checkpoint_last.pth of a run to continue exactly')
     g.add_argument('--init_from', default=None,
                    help="start from the encoder weights of a checkpoint (ours or the authors'); "

@@ -1,8 +1,9 @@
 """The field's retrieval protocol: encode a split once, rank by counting, report R@K / medr / meanr.
 
-sims = img @ cap.T has shape (N, 5N); captions 5i..5i+4 belong to image i.
-- image-to-text rank of image i: the best 0-based position among its five captions;
-- text-to-image rank of caption j: the position of image j // 5;
+sims = img @ cap.T has shape (N, 5N), captions 5i..5i+4 belonging to image i, or (N, N) for a
+split with one caption per image (caption i belongs to image i); P = 5 or 1 captions per image.
+- image-to-text rank of image i: the best 0-based position among its P captions;
+- text-to-image rank of caption j: the position of image j // P;
 - R@K = 100 * fraction of ranks < K; medr = floor(median) + 1; meanr = mean + 1.
 A rank is the number of candidates that score strictly higher than the positive, so no sort
 is needed.
@@ -29,7 +30,7 @@ def i2t_ranks(sims, per_image=5):
         rows = s[start:start + ROW_CHUNK]
         idx = torch.arange(start, start + len(rows))
         own = rows.gather(1, idx[:, None] * per_image + torch.arange(per_image)[None])
-        # the best of the five positives is the one with the highest score
+        # the best of the positives is the one with the highest score
         ranks[start:start + len(rows)] = (rows > own.max(dim=1, keepdim=True).values).sum(1)
     return ranks.numpy()
 
@@ -53,15 +54,20 @@ def recall_metrics(ranks):
 
 
 def check_sims_shape(sims, source='similarity matrix'):
-    if sims.ndim != 2 or sims.shape[1] != 5 * sims.shape[0]:
-        raise UserError(f'{source} has shape {tuple(sims.shape)}; expected (N images, 5N captions)')
+    """Captions per image of a similarity matrix: 5 for (N, 5N), 1 for (N, N)."""
+    if sims.ndim == 2 and sims.shape[0] > 0:
+        for per_image in (5, 1):
+            if sims.shape[1] == per_image * sims.shape[0]:
+                return per_image
+    raise UserError(f'{source} has shape {tuple(sims.shape)}; expected (N images, 5N captions) or, with one '
+                    'caption per image, (N, N)')
 
 
 def rank_metrics(sims, name='full'):
-    """Metrics of one (N, 5N) similarity matrix."""
-    check_sims_shape(sims)
-    i2t = recall_metrics(i2t_ranks(sims))
-    t2i = recall_metrics(t2i_ranks(sims))
+    """Metrics of one (N, 5N) or (N, N) similarity matrix."""
+    per_image = check_sims_shape(sims)
+    i2t = recall_metrics(i2t_ranks(sims, per_image))
+    t2i = recall_metrics(t2i_ranks(sims, per_image))
     rsum = sum(i2t[f'r{k}'] + t2i[f'r{k}'] for k in RECALL_AT)
     return {'name': name, 'n_images': int(sims.shape[0]), 'n_captions': int(sims.shape[1]),
             'i2t': i2t, 't2i': t2i, 'rsum': rsum}
@@ -83,10 +89,11 @@ def evaluate_sims(sims, fold5=False):
     results = [rank_metrics(sims)]
     if fold5:
         check_fold5(sims.shape[0])
+        fold_caps = check_sims_shape(sims) * FOLD_IMAGES
         folds = [rank_metrics(sims[i * FOLD_IMAGES:(i + 1) * FOLD_IMAGES,
-                                   i * 5 * FOLD_IMAGES:(i + 1) * 5 * FOLD_IMAGES], f'1k-fold{i}')
+                                   i * fold_caps:(i + 1) * fold_caps], f'1k-fold{i}')
                  for i in progress(range(5), desc='ranking the 1K folds', unit='fold')]
-        mean = {'name': '1k-mean', 'n_images': FOLD_IMAGES, 'n_captions': 5 * FOLD_IMAGES}
+        mean = {'name': '1k-mean', 'n_images': FOLD_IMAGES, 'n_captions': fold_caps}
         for side in ('i2t', 't2i'):
             mean[side] = {k: float(np.mean([f[side][k] for f in folds])) for k in folds[0][side]}
         mean['rsum'] = float(np.mean([f['rsum'] for f in folds]))
@@ -144,7 +151,8 @@ def split_sims(model, split, device, batch_size=128, precision='fp32'):
 # ----------------------------------------------------------------------------- the authors' results files
 
 def save_sims(path, sims):
-    """The authors' results_<dataset>.npy: np.save of the dict {'npts': N, 'sims': (N, 5N)}."""
+    """The authors' results_<dataset>.npy: np.save of the dict {'npts': N, 'sims': (N, 5N)} ((N, N) for
+    one caption per image)."""
     sims = np.asarray(sims)
     with open(path, 'wb') as f:
         np.save(f, {'npts': int(sims.shape[0]), 'sims': sims}, allow_pickle=True)
@@ -183,7 +191,7 @@ def load_sims(path):
         raise UserError(f'similarity file {path} does not exist')
     except (pickle.UnpicklingError, ValueError, EOFError, OSError, AttributeError, TypeError) as err:
         raise UserError(f'{path} is not a similarity file this project can read safely ({err}); expected '
-                        "np.save of {'npts': N, 'sims': float array (N, 5N)} or a plain (N, 5N) .npy") from err
+                        "np.save of {'npts': N, 'sims': float array (N, 5N) or (N, N)} or a plain such .npy") from err
     if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
         obj = obj.item()
     if isinstance(obj, dict):

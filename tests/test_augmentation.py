@@ -151,3 +151,39 @@ def test_collate_of_memory_mapped_rows_copies_them(split):
         batch = collate(items)
     batch['regions'] += 1  # the batch owns its memory
     np.testing.assert_array_equal(split.images[0], data[0][0])
+
+
+def test_captions_longer_than_the_text_model_limit_are_truncated(tokenizer):
+    """[CLS] + the first limit - 2 pieces + [SEP], as the tokenizer's own truncation gives; with
+    augmentation too; and a text encoder with exactly that many positions takes it."""
+    from conftest import tiny_bert
+    from lib.encoders import TextEncoder
+    limit = tokenizer.model_max_length
+    caption = ' '.join(['a snowboarder jumps over the rails'] * 120)  # about 720 pieces
+    spec = TextSpec(tokenizer)
+    ids, words = tokenize_captions(tokenizer, [caption]).pieces(0)
+    assert len(ids) > limit
+    want = tokenizer(caption, truncation=True, max_length=limit)['input_ids']
+    assert len(want) == limit
+    assert spec.encode(ids, words).tolist() == want
+    augmented = [spec.encode(ids, words, np.random.default_rng(s)) for s in range(5)]
+    assert all(len(a) == limit and a[0] == spec.cls_id and a[-1] == spec.sep_id for a in augmented)
+    bert = tiny_bert()
+    assert bert.config.max_position_embeddings == limit
+    encoder = TextEncoder(bert, 32, 4, 0.0, 0.8).eval()
+    tokens = torch.tensor(np.stack([spec.encode(ids, words)] + augmented[:1]))
+    emb, _ = encoder(tokens, torch.tensor([limit, limit]))
+    assert emb.shape == (2, 32) and torch.isfinite(emb).all()
+
+
+def test_tokenising_across_chunk_boundaries_equals_one_call(tokenizer, monkeypatch):
+    import lib.data
+    caps = [f'caption {i}: a snowboarder jumps over {"tall " * (i % 4)}rails' for i in range(11)]
+    monkeypatch.setattr(lib.data, 'TOKENIZE_CHUNK', 3)  # chunks of 3, 3, 3, 2
+    got = tokenize_captions(tokenizer, caps)
+    one = tokenizer(caps, add_special_tokens=False)  # the reference: one call for all
+    assert len(got) == len(caps)
+    for c in range(len(caps)):
+        ids, words = got.pieces(c)
+        assert ids.tolist() == one['input_ids'][c], c
+        assert words.tolist() == one.word_ids(c), c

@@ -143,7 +143,7 @@ def build_model(args):
     for m in model.modules():  # CPU has no SyncBatchNorm: BatchNorm stays frozen (eval mode)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.train = lambda mode=True, m=m: nn.Module.train(m, False)
-    return model
+    return model.train()  # BatchNorm frozen from the start
 
 
 def train_run(args, env, loader, gather_from_ddp):
@@ -170,6 +170,14 @@ def _two_ranks(env, split, data_path, out):
     sampler.set_epoch(0)
     torch.manual_seed(100 + env.rank)  # ranks' own streams differ, as in train.py
     torch.save(train_run(args, env, loader, True), os.path.join(out, f'params{env.rank}.pt'))
+
+    # one backward on the first global batch, relation module on: this rank's gradients after DDP
+    grad_args = equivalence_args(data_path, '--warmup', '0')
+    model = build_model(grad_args)
+    ddp, gather = wrap_ddp(model, env, grad_args.seed)
+    ddp(next(iter(loader)), 0, True, gather).loss.backward()
+    torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+               os.path.join(out, f'grads{env.rank}.pt'))
 
     # trip loss and relation dropout: every rank draws the same negatives and dropout masks
     args = equivalence_args(data_path, '--base_loss', 'trip', '--gnn_loss', 'trip', '--warmup', '0')
@@ -216,18 +224,38 @@ def key_bias(name, value):
     return mask
 
 
-def test_two_processes_equal_one_process_with_the_global_batch(two_ranks):
+def global_batches(split, args):
+    """One process's batches of 8 = rank 0's 4 items followed by rank 1's 4 (the gather order)."""
     from lib.data import TrainDataset, collate
-    from lib.distributed import DistEnv
-    split, out = two_ranks['split'], two_ranks['out']
-
-    # one process, one batch of 8 = rank 0's 4 items followed by rank 1's 4 (the gather order)
-    args = equivalence_args(two_ranks['data_path'])
     dataset = TrainDataset(split, args.seed, True, True)
     per_rank = [list(torch.utils.data.DistributedSampler(dataset, WORLD, r, shuffle=True, seed=args.seed,
                                                          drop_last=True)) for r in range(WORLD)]
-    batches = [collate([dataset[i] for r in range(WORLD) for i in per_rank[r][4 * s:4 * s + 4]])
-               for s in range(args.max_steps + 1)]
+    return [collate([dataset[i] for r in range(WORLD) for i in per_rank[r][4 * s:4 * s + 4]])
+            for s in range(args.max_steps + 1)]
+
+
+def test_gradients_of_two_processes_equal_one_process(two_ranks):
+    """The gradient scale itself (AdamW's steps hide a constant factor): after DDP, each rank's
+    gradient equals one process's gradient of the same global batch's loss."""
+    args = equivalence_args(two_ranks['data_path'], '--warmup', '0')
+    model = build_model(args)
+    model(global_batches(two_ranks['split'], args)[0], 0, True).loss.backward()
+    reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert any(n.startswith('relation.') for n in reference) and any('bert' in n for n in reference)
+    for r in range(WORLD):
+        grads = torch.load(two_ranks['out'] / f'grads{r}.pt')
+        assert set(grads) == set(reference)
+        for name, ref in reference.items():
+            torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f'rank {r} {name}: {m}; ratio {(grads[name].norm() / ref.norm()).item()}')
+
+
+def test_two_processes_equal_one_process_with_the_global_batch(two_ranks):
+    from lib.distributed import DistEnv
+    split, out = two_ranks['split'], two_ranks['out']
+
+    args = equivalence_args(two_ranks['data_path'])
+    batches = global_batches(split, args)
     assert len({b['regions'].shape[1] for b in batches}) > 1 or len({b['tokens'].shape[1] for b in batches}) > 1
     reference = train_run(args, DistEnv(0, 1, 0, torch.device('cpu')), batches, False)
 

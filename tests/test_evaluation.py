@@ -1,5 +1,6 @@
 """The retrieval protocol (spec section 7) against the authors' argsort loops, and the results files."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -9,19 +10,20 @@ from lib.errors import UserError
 from lib.evaluation import evaluate_sims, i2t_ranks, load_sims, rank_metrics, save_sims, t2i_ranks
 
 
-def naive_i2t(sims):
+def naive_i2t(sims, per_image=5):
     ranks = np.zeros(sims.shape[0])
     for index in range(sims.shape[0]):
         inds = np.argsort(sims[index])[::-1]
-        ranks[index] = min(np.where(inds == i)[0][0] for i in range(5 * index, 5 * index + 5))
+        ranks[index] = min(np.where(inds == i)[0][0]
+                           for i in range(per_image * index, per_image * index + per_image))
     return ranks
 
 
-def naive_t2i(sims):
+def naive_t2i(sims, per_image=5):
     ranks = np.zeros(sims.shape[1])
     for c in range(sims.shape[1]):
         inds = np.argsort(sims[:, c])[::-1]
-        ranks[c] = np.where(inds == c // 5)[0][0]
+        ranks[c] = np.where(inds == c // per_image)[0][0]
     return ranks
 
 
@@ -32,16 +34,18 @@ def naive_metrics(ranks):
             'medr': np.floor(np.median(ranks)) + 1, 'meanr': ranks.mean() + 1}
 
 
-def random_sims(n, seed=0, signal=2.0):
+def random_sims(n, seed=0, signal=2.0, per_image=5):
     """Continuous scores (no ties) with some signal, so that recalls are neither 0 nor 100."""
     rng = np.random.default_rng(seed)
-    sims = rng.standard_normal((n, 5 * n)).astype(np.float32)
-    sims[np.arange(5 * n) // 5, np.arange(5 * n)] += signal * rng.random(5 * n).astype(np.float32)
+    m = per_image * n
+    sims = rng.standard_normal((n, m)).astype(np.float32)
+    sims[np.arange(m) // per_image, np.arange(m)] += signal * rng.random(m).astype(np.float32)
     return sims
 
 
-def check_result(result, sims):
-    want_i2t, want_t2i = naive_metrics(naive_i2t(sims)), naive_metrics(naive_t2i(sims))
+def check_result(result, sims, per_image=5):
+    want_i2t = naive_metrics(naive_i2t(sims, per_image))
+    want_t2i = naive_metrics(naive_t2i(sims, per_image))
     for side, want in (('i2t', want_i2t), ('t2i', want_t2i)):
         for k, v in want.items():
             assert result[side][k] == pytest.approx(v, abs=1e-9), (side, k)
@@ -77,19 +81,38 @@ def test_i2t_meanr_is_not_the_t2i_one():
     assert r['t2i']['meanr'] == pytest.approx(naive_t2i(sims).mean() + 1)
 
 
-def test_fold5_averages_five_diagonal_blocks(monkeypatch):
+@pytest.mark.parametrize('seed,signal', [(7, 1.0), (8, 3.0)])
+def test_one_caption_per_image_equals_the_argsort_loops(seed, signal):
+    sims = random_sims(90, seed, signal, per_image=1)
+    np.testing.assert_array_equal(i2t_ranks(sims, 1), naive_i2t(sims, 1))
+    np.testing.assert_array_equal(t2i_ranks(sims, 1), naive_t2i(sims, 1))
+    (result,) = evaluate_sims(sims)
+    check_result(result, sims, per_image=1)
+    assert result['n_captions'] == 90 and 0 < result['rsum'] < 600
+
+
+@pytest.mark.parametrize('shape', [(4, 6), (4, 10), (4,), (0, 0)])
+def test_other_shapes_are_refused_naming_the_shape(shape):
+    with pytest.raises(UserError, match=re.escape(str(shape))):
+        evaluate_sims(np.zeros(shape, np.float32))
+
+
+@pytest.mark.parametrize('per_image', [5, 1])
+def test_fold5_averages_five_diagonal_blocks(monkeypatch, per_image):
     monkeypatch.setattr(evaluation, 'FOLD_IMAGES', 20)
-    sims = random_sims(100, seed=6, signal=1.5)
+    sims = random_sims(100, seed=6, signal=1.5, per_image=per_image)
     results = evaluate_sims(sims, fold5=True)
     assert [r['name'] for r in results] == ['full'] + [f'1k-fold{i}' for i in range(5)] + ['1k-mean']
-    check_result(results[0], sims)
-    blocks = [sims[i * 20:(i + 1) * 20, i * 100:(i + 1) * 100] for i in range(5)]
+    check_result(results[0], sims, per_image)
+    c = 20 * per_image
+    blocks = [sims[i * 20:(i + 1) * 20, i * c:(i + 1) * c] for i in range(5)]
     for r, block in zip(results[1:6], blocks):
-        check_result(r, block)
+        check_result(r, block, per_image)
     mean = results[6]
+    assert mean['n_captions'] == c
     for side, naive in (('i2t', naive_i2t), ('t2i', naive_t2i)):
         for k in ('r1', 'r5', 'r10', 'medr', 'meanr'):
-            want = np.mean([naive_metrics(naive(b))[k] for b in blocks])
+            want = np.mean([naive_metrics(naive(b, per_image))[k] for b in blocks])
             assert mean[side][k] == pytest.approx(want)
     assert mean['rsum'] == pytest.approx(np.mean([r['rsum'] for r in results[1:6]]))
     assert mean['rsum'] < 600  # the mean of the folds, not six times it
@@ -97,8 +120,9 @@ def test_fold5_averages_five_diagonal_blocks(monkeypatch):
         evaluate_sims(random_sims(30), fold5=True)
 
 
-def test_save_and_load_round_trip(tmp_path):
-    sims = random_sims(12)
+@pytest.mark.parametrize('per_image', [5, 1])
+def test_save_and_load_round_trip(tmp_path, per_image):
+    sims = random_sims(12, per_image=per_image)
     path = str(tmp_path / 'results_f30k.npy')
     save_sims(path, sims)
     loaded = np.load(path, allow_pickle=True).item()  # the authors' reader
@@ -141,7 +165,7 @@ def test_load_refuses_other_contents(tmp_path):
     bad_keys = str(tmp_path / 'keys.npy')
     np.save(bad_keys, {'npts': 2, 'sims': random_sims(2), 'extra': 1})
     bad_shape = str(tmp_path / 'shape.npy')
-    np.save(bad_shape, {'npts': 4, 'sims': np.zeros((4, 4), np.float32)})
+    np.save(bad_shape, {'npts': 4, 'sims': np.zeros((4, 6), np.float32)})
     for path in (bad_keys, bad_shape, str(tmp_path / 'missing.npy')):
         with pytest.raises(UserError):
             load_sims(path)

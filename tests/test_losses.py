@@ -128,3 +128,104 @@ def test_trip_never_samples_same_image_pairs_in_both_directions():
         assert (w[pos] == 0).all()
     torch.manual_seed(0)
     assert torch.isfinite(loss(img, cap, ids))
+
+
+def test_trip_in_both_directions_equals_a_per_anchor_loop(monkeypatch):
+    """HREM's trip losses as --dataset coco --margin 0.35 builds them (cut-off 1.9), against a
+    per-anchor loop in both directions; the draws are recorded, not re-made."""
+    import arguments
+    from conftest import tiny_bert
+    from lib.model import HREM
+    args = arguments.parse_train_args(['--dataset', 'coco', '--margin', '0.35', '--embed_size', '32',
+                                       '--nhead', '4', '--base_loss', 'trip', '--gnn_loss', 'trip'])
+    assert args.trip_cutoff == 1.9  # the authors' COCO cut-off
+    model = HREM(args, 8, tiny_bert())
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(8, 3, generator=g), dim=1)  # 3-d: distances spread over 0 .. 2
+    cap = F.normalize(img + 0.5 * torch.randn(8, 3, generator=g), dim=1)
+    ids = torch.tensor([0, 0, 1, 2, 3, 4, 4, 5])
+    s = (img @ cap.t()).numpy()
+    pos = (ids[:, None] == ids[None, :]).numpy()
+
+    draws = []
+    real_multinomial = torch.multinomial
+
+    def recording(weights, n, generator=None):
+        drawn = real_multinomial(weights, n, generator=generator)
+        draws.append((weights.clone(), drawn[:, 0].tolist()))
+        return drawn
+    monkeypatch.setattr(torch, 'multinomial', recording)
+
+    between = 0
+    for loss in (model.base_loss, model.gnn_loss):
+        draws.clear()
+        got = loss(img, cap, ids).item()
+        assert len(draws) == 2  # one draw per direction
+        want = 0.0
+        # direction 1: image anchors over captions (rows of s); direction 2: caption anchors over images
+        for (weights, drawn), s_dir in zip(draws, (s, s.T)):
+            naive_w, d = naive_dws_weights(s_dir, pos, 1.9)
+            between += int(((naive_w > 0) & (d >= 1.7)).sum())
+            row = 0
+            for a in range(8):
+                for p in range(8):
+                    if ids[p] != ids[a]:
+                        continue
+                    if naive_w[a].sum() > 0:
+                        w = weights[row].double().numpy()  # rows normalise with + 1e-20: compare shapes
+                        np.testing.assert_allclose(w / w.sum(), naive_w[a], rtol=1e-4, atol=1e-7)
+                        n = drawn[row]
+                        assert ids[n] != ids[a] and d[a, n] < 1.9
+                        want += max(0.0, 0.35 + s_dir[a, n] - s_dir[a, p])
+                    row += 1
+            assert row == len(drawn)
+        assert got == pytest.approx(want, rel=1e-5)
+        assert want > 0
+    assert between > 0  # negatives between 1.7 and 1.9 were eligible: the COCO cut-off is in force
+
+
+class Scalars:
+    """A stand-in TensorBoard writer that keeps what train_one_epoch logs."""
+
+    def __init__(self):
+        self.values = {}
+
+    def add_scalar(self, tag, value, step):
+        self.values[tag] = value
+
+    def flush(self):
+        pass
+
+
+def test_vse_sums_for_the_warmup_epochs_then_takes_the_hardest():
+    """--vse_mean_warmup_epochs 2: epoch 1 still sums over negatives, epoch 2 takes the hardest;
+    --max_violation: the hardest from epoch 0 on. The logged loss of one step of train.py's
+    epoch loop against vse_direct on the same embeddings."""
+    from conftest import tiny_args, tiny_bert
+    from lib.distributed import DistEnv
+    from lib.engine import TrainState, train_one_epoch
+    from lib.model import HREM, build_optimizer
+    from lib.precision import grad_scaler
+    from test_relations import fake_batch
+    args = tiny_args('--base_loss', 'vse', '--gnn_loss', 'vse', '--dropout', '0', '--warmup', '100',
+                     '--vse_mean_warmup_epochs', '2', '--margin', '0.3', '--batch_size', '6')
+    model = HREM(args, 24, tiny_bert())
+    optimizer, _ = build_optimizer(model, args)
+    env = DistEnv(0, 1, 0, torch.device('cpu'))
+    batch = fake_batch()
+    ids = batch['img_ids'].tolist()
+    for max_violation, epoch in ((False, 1), (False, 2), (True, 0)):
+        args.max_violation = max_violation
+        hardest_from = 0 if max_violation else 2
+        model.train()
+        with torch.no_grad():
+            img, _ = model.encode_image(batch['regions'], batch['region_lengths'])
+            cap, _ = model.encode_text(batch['tokens'], batch['token_lengths'])
+        sims = (img @ cap.t()).tolist()
+        summed, hardest = vse_direct(sims, ids, 0.3, False), vse_direct(sims, ids, 0.3, True)
+        assert summed > hardest + 0.1  # the two objectives are told apart
+        writer = Scalars()
+        train_one_epoch(model, [batch], optimizer, grad_scaler(env.device, 'fp32'), TrainState(epoch), args, env,
+                        writer)
+        want = hardest if epoch >= hardest_from else summed
+        assert writer.values['train/loss'] == pytest.approx(want, rel=1e-5), (max_violation, epoch)

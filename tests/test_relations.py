@@ -189,3 +189,63 @@ def test_hrem_forward_before_and_after_warmup():
     assert after.loss.item() == pytest.approx(want.item(), rel=1e-5)
     assert after.loss.item() > before.loss.item()
     assert after.parts['reg'].item() == pytest.approx(reg.item(), rel=1e-5)
+
+
+def naive_encoder_layer(layer, x, mask):
+    """nn.TransformerEncoderLayer (post-norm, ReLU, no dropout) by hand: per-head scaled
+    dot-product attention plus the additive mask, residual + LayerNorm, feed-forward, residual +
+    LayerNorm."""
+    n, e = x.shape
+    heads = layer.self_attn.num_heads
+    dh = e // heads
+    w, b = layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias
+    q, k, v = (x @ w[i * e:(i + 1) * e].t() + b[i * e:(i + 1) * e] for i in range(3))
+    out = []
+    for h in range(heads):
+        cols = slice(h * dh, (h + 1) * dh)
+        scores = q[:, cols] @ k[:, cols].t() / dh ** 0.5 + mask
+        out.append(torch.softmax(scores, dim=-1) @ v[:, cols])
+    x = layer.norm1(x + layer.self_attn.out_proj(torch.cat(out, 1)))
+    return layer.norm2(x + layer.linear2(torch.relu(layer.linear1(x))))
+
+
+def naive_attend(rel, img, cap, connect, relevance, mask_weight):
+    """Spec: attention logits + mask_weight * relevance where connected, -inf elsewhere; every
+    layer of the instance Transformer in turn; L2-normalised."""
+    mask = torch.where(connect, mask_weight * relevance, torch.full_like(relevance, float('-inf')))
+    x = torch.cat([img, cap])
+    layers = [m for m in rel.modules() if isinstance(m, torch.nn.TransformerEncoderLayer)]
+    for layer in layers:
+        x = naive_encoder_layer(layer, x, mask)
+    return F.normalize(x, dim=-1), layers
+
+
+@pytest.mark.parametrize('layers', [1, 2])
+def test_attention_uses_the_relevance_scaled_by_mask_weight(layers):
+    """HREM built from --mask_weight 1.5 --num_layers_enc N: attend equals the naive masked
+    attention; the output moves with mask_weight and with the relevance values while the
+    connections stay fixed; with two layers, the second one is used."""
+    args = tiny_args('--mask_weight', '1.5', '--num_layers_enc', str(layers), '--dropout', '0', '--topk', '4')
+    rel = HREM(args, 24, tiny_bert()).relation.eval()
+    img, cap, regions, words, lengths = make_inputs(6, e=32)
+    # grad mode on purpose: under no_grad an eval-mode nn.TransformerEncoder takes PyTorch's fast
+    # path, which returns NaN with this -inf mask (the module itself only runs in training)
+    connect, relevance, _ = rel.relations(img, cap, regions, words, lengths)
+    relevance = relevance.detach() * 3  # relevance of a size that moves attention visibly
+    got = torch.cat(rel.attend(img, cap, connect, relevance)).detach()
+    want, found = naive_attend(rel, img, cap, connect, relevance, 1.5)
+    assert len(found) == layers
+    torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-5)
+
+    # the same connections, another mask_weight or other relevance values: another output
+    for mask_weight, rel_values in ((0.0, relevance), (1.5, relevance.flip(1))):
+        rel.mask_weight = mask_weight
+        other = torch.cat(rel.attend(img, cap, connect, rel_values)).detach()
+        rel.mask_weight = 1.5
+        torch.testing.assert_close(other, naive_attend(rel, img, cap, connect, rel_values, mask_weight)[0].detach(),
+                                   rtol=1e-4, atol=1e-5)
+        assert (other - got).abs().max() > 1e-3, mask_weight
+    if layers == 2:  # the second layer's weights change the output
+        with torch.no_grad():
+            found[1].linear2.weight.mul_(-1)
+        assert (torch.cat(rel.attend(img, cap, connect, relevance)).detach() - got).abs().max() > 1e-3

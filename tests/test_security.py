@@ -86,10 +86,21 @@ def python_sources():
                     yield path, ast.parse(f.read(), path)
 
 
+def module_aliases(tree):
+    """Local name -> module for `import torch`, `import torch as T`, `import numpy as np`."""
+    names = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                names[alias.asname or alias.name] = alias.name
+    return names
+
+
 def calls_to(tree, module, function):
+    aliases = module_aliases(tree)
     for node in ast.walk(tree):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == function
-                and isinstance(node.func.value, ast.Name) and node.func.value.id == module):
+                and isinstance(node.func.value, ast.Name) and aliases.get(node.func.value.id) == module):
             yield node
 
 
@@ -98,19 +109,56 @@ def keyword(call, name):
     return found[0].value if found and isinstance(found[0], ast.Constant) else None
 
 
+LOADERS = {'torch': ('load',), 'numpy': ('load',), 'pickle': ('load', 'loads', 'Unpickler')}
+
+
+def unsafe_loads(path, tree):
+    """Every way a file's code could unpickle without restriction, as 'path:line what'."""
+    found = []
+    for call in calls_to(tree, 'torch', 'load'):
+        if keyword(call, 'weights_only') is not True:
+            found.append(f'{path}:{call.lineno} torch.load without weights_only=True')
+    for call in calls_to(tree, 'numpy', 'load'):
+        if keyword(call, 'allow_pickle') is True:
+            found.append(f'{path}:{call.lineno} np.load(allow_pickle=True)')
+    for function in ('load', 'loads'):
+        found += [f'{path}:{c.lineno} unrestricted pickle.{function}' for c in calls_to(tree, 'pickle', function)]
+    # `from torch import load` and the like: the calls above would not see the bare name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module in LOADERS:
+            for alias in node.names:
+                if alias.name in LOADERS[node.module]:
+                    found.append(f'{path}:{node.lineno} from {node.module} import {alias.name}')
+    return found
+
+
+@pytest.mark.parametrize('code', [
+    'import torch\ntorch.load("x")',
+    'import torch\ntorch.load("x", weights_only=False)',
+    'import torch as T\nT.load("x")',
+    'from torch import load\nload("x", weights_only=True)',
+    'from torch import load as read\nread("x")',
+    'import numpy as np\nnp.load("x", allow_pickle=True)',
+    'from numpy import load',
+    'import pickle\npickle.loads(b"")',
+    'from pickle import loads',
+    'from pickle import Unpickler',
+])
+def test_the_scan_catches_every_unrestricted_load(code):
+    assert unsafe_loads('snippet.py', ast.parse(code)), code
+
+
+def test_the_scan_accepts_restricted_loads():
+    code = 'import torch\nimport numpy as np\ntorch.load("x", weights_only=True)\nnp.load("x", mmap_mode="r")'
+    assert unsafe_loads('snippet.py', ast.parse(code)) == []
+
+
 def test_every_load_in_the_code_is_restricted():
     sources = list(python_sources())
     assert any(p.endswith(os.path.join('lib', 'checkpoint.py')) for p, _ in sources)
-    torch_loads = 0
-    for path, tree in sources:
-        for call in calls_to(tree, 'torch', 'load'):
-            torch_loads += 1
-            assert keyword(call, 'weights_only') is True, f'{path}:{call.lineno} torch.load without weights_only=True'
-        for call in calls_to(tree, 'np', 'load'):
-            assert keyword(call, 'allow_pickle') is not True, f'{path}:{call.lineno} np.load(allow_pickle=True)'
-        for function in ('load', 'loads'):
-            assert not list(calls_to(tree, 'pickle', function)), f'{path}: unrestricted pickle.{function}'
-    assert torch_loads >= 1
+    assert sum(len(list(calls_to(tree, 'torch', 'load'))) for _, tree in sources) >= 1
+    problems = [p for path, tree in sources for p in unsafe_loads(path, tree)]
+    assert not problems, problems
 
 
 # ----------------------------------------------------------------------------- the run folder
