@@ -8,6 +8,7 @@ Nodes are the B image embeddings followed by the B caption embeddings. For every
   over the top-K region-word matching scores plus their mean.
 The attention mask is mask_weight * relevance where connected and -inf elsewhere.
 """
+import contextlib
 import copy
 
 import torch
@@ -141,5 +142,19 @@ class InstanceRelation(nn.Module):
         """One masked Transformer pass over the 2B nodes: a node attends only to its connections."""
         mask = (self.mask_weight * relevance).masked_fill(~connect, float('-inf'))
         nodes = torch.cat([img, cap], 0)[None]
-        out = F.normalize(self.gnn(nodes, mask=mask.to(nodes.dtype))[0], dim=-1)
-        return out.split(img.shape[0])
+        with standard_attention_path():
+            out = self.gnn(nodes, mask=mask.to(nodes.dtype))[0]
+        return F.normalize(out, dim=-1).split(img.shape[0])
+
+
+@contextlib.contextmanager
+def standard_attention_path():
+    """PyTorch's inference fast path of TransformerEncoderLayer (eval mode, no grad) reads an
+    additive float mask as a boolean one and returns NaN (torch 2.14); training never takes it,
+    but inspecting a trained module does. The standard path computes the same numbers."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)

@@ -249,3 +249,16 @@ def test_attention_uses_the_relevance_scaled_by_mask_weight(layers):
         with torch.no_grad():
             found[1].linear2.weight.mul_(-1)
         assert (torch.cat(rel.attend(img, cap, connect, relevance)).detach() - got).abs().max() > 1e-3
+
+
+def test_attention_of_a_trained_module_under_no_grad_equals_training_mode():
+    """Inspecting the module (eval mode, no grad) must give the numbers of the grad-mode pass;
+    PyTorch's inference fast path would read the additive mask as a boolean one."""
+    torch.manual_seed(0)
+    rel = InstanceRelation(16, nhead=4, topk=4, threshold=0.5, dropout=0.0).eval()
+    img, cap, regions, words, lengths = make_inputs(6)
+    connect, relevance, _ = rel.relations(img, cap, regions, words, lengths)
+    with_grad = torch.cat(rel.attend(img, cap, connect, relevance))
+    with torch.no_grad():
+        inspected = torch.cat(rel.attend(img, cap, connect, relevance))
+    torch.testing.assert_close(inspected, with_grad)
