@@ -21,7 +21,8 @@ import train
 from lib.data import TrainDataset
 from lib.model import HREM
 from test_distributed import free_port
-from test_errors import bert_folder, make_data, train_argv
+from test_errors import assert_user_error, bert_folder, make_data, run_main, train_argv
+from test_faults import nan_on_calls
 
 STEPS_PER_EPOCH = 5  # 20 captions, batch 4
 # the relation module starts in the second epoch; the lr decays after the first
@@ -73,6 +74,9 @@ def runs(straight):
     root, bert = straight
     train.main(train_argv(root, bert, 'b', *OPTIONS, '--num_epochs', '1'))
     last = str(root / 'b' / 'checkpoint_last.pth')
+    older = torch.load(last, weights_only=True)
+    del older['counters'], older['position']  # as versions before mid-epoch checkpoints wrote it
+    torch.save(older, last)
     killed_at = torch.load(last, weights_only=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, 'SummaryWriter', FlushingWriter)
@@ -151,6 +155,9 @@ def test_same_results(runs):
 
 MID = ['--num_epochs', '2', '--checkpoint_every', '2']  # mid-epoch checkpoints after steps 2, 4, 6, 8
 WALL_CLOCK_TAGS = {'train/step_time', 'train/samples_per_s'}
+# forward calls (1-based; call c runs step c - 1) whose last checkpoint is a mid-epoch one: 3, 4
+# resume after step 2, 5 after 4, 8 after 6, 9 and 10 after 8 (calls 6, 7 after epoch 0's end)
+KILL_CALLS = (3, 4, 5, 8, 9, 10)
 
 
 def assert_same_run(a, b, where):
@@ -171,6 +178,9 @@ def assert_same_run(a, b, where):
             assert ev_a[tag] == ev_b[tag], (where, tag)
     assert [s for s, _ in ev_b['train/loss']] == list(range(2 * STEPS_PER_EPOCH)), where
     assert json.loads((a / 'results.json').read_text()) == json.loads((b / 'results.json').read_text()), where
+
+
+ORIGINAL_FORWARD = HREM.forward
 
 
 def forward_hook(call, action):
@@ -203,6 +213,10 @@ def sigkill_self():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def sigterm_self():
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def sigterm_group():
     os.killpg(0, signal.SIGTERM)  # SLURM and Ctrl-C signal every process, DataLoader workers included
 
@@ -214,19 +228,15 @@ def resume_argv(folder, *extra):
 @pytest.mark.parametrize('workers', ['0', '2'])
 def test_sigkill_inside_an_epoch_then_resume_equals_the_straight_run(straight, workers):
     root, bert = straight
-    call = random.randint(3, 2 * STEPS_PER_EPOCH)  # any step after the first mid-epoch checkpoint (step 2)
+    call = random.choice(KILL_CALLS)
     run = root / f'kill{workers}'
     code = in_child(_killed_run, train_argv(root, bert, run.name, *OPTIONS, *MID, '--workers', workers),
                     call, sigkill_self)
     assert code == -signal.SIGKILL, (call, code)
     killed_at = torch.load(run / 'checkpoint_last.pth', weights_only=True)
-    # the last checkpoint before the killed step (call - 1): mid-epoch ones every 2 steps, epoch ends
-    taken = max(s for s in (2, 4, 5, 6, 8) if s <= call - 1)
+    taken = (call - 1) // 2 * 2  # the last checkpoint, every 2 steps, before the killed step call - 1
     assert killed_at['iteration'] == taken, (call, killed_at['iteration'])
-    if taken % STEPS_PER_EPOCH:
-        assert (killed_at['epoch'], killed_at['position']['batches']) == divmod(taken, STEPS_PER_EPOCH)
-    else:
-        assert killed_at['epoch'] == taken // STEPS_PER_EPOCH and killed_at['position'] is None
+    assert (killed_at['epoch'], killed_at['position']['batches']) == divmod(taken, STEPS_PER_EPOCH)
     train.main(resume_argv(run, '--workers', workers))
     assert_same_run(root / 'a', run, f'killed at forward call {call}, workers {workers}')
 
@@ -269,6 +279,42 @@ def test_max_steps_inside_an_epoch_then_resume_continues_that_epoch(straight, mo
     assert_same_run(root / 'a', run, '--max_steps 7, then --resume')
 
 
+def test_nonfinite_counts_continue_across_a_mid_epoch_resume(straight, monkeypatch):
+    root, bert = straight
+    nan_on_calls(monkeypatch, {1, 4})  # batches 1 and 4 (0-based) of the epoch are skipped
+    train.main(train_argv(root, bert, 'nan_a', *OPTIONS))
+    monkeypatch.setattr(HREM, 'forward', ORIGINAL_FORWARD)
+    nan_on_calls(monkeypatch, {1, 4})  # counting from 0 again
+    monkeypatch.setattr(HREM, 'forward', forward_hook(3, sigterm_self))  # during batch 2: stop after step 1
+    with pytest.raises(SystemExit) as stop:
+        train.main(train_argv(root, bert, 'nan_b', *OPTIONS))
+    assert stop.value.code == 128 + signal.SIGTERM
+    stopped = torch.load(root / 'nan_b' / 'checkpoint_last.pth', weights_only=True)
+    assert (stopped['iteration'], stopped['position']['batches'], stopped['counters']['nonfinite_total']) == (2, 3, 1)
+    monkeypatch.setattr(HREM, 'forward', ORIGINAL_FORWARD)
+    nan_on_calls(monkeypatch, {1})  # the resumed run starts at batch 3
+    train.main(resume_argv(root / 'nan_b', '--workers', '0'))
+    a, b = events(root / 'nan_a'), events(root / 'nan_b')
+    assert a['train/nonfinite_steps'] == b['train/nonfinite_steps'] == [(1, 1.0), (3, 2.0)]
+    assert [s for s, _ in b['train/loss']] == [0, 1, 2]
+    for name in ('checkpoint_last.pth', 'model_best.pth'):
+        ckpt_a, ckpt_b = (torch.load(f / name, weights_only=True) for f in (root / 'nan_a', root / 'nan_b'))
+        for key in ('model', 'optimizer', 'iteration', 'counters'):
+            assert_same(ckpt_a[key], ckpt_b[key], f'{name} {key}')
+
+
+def test_a_mid_epoch_checkpoint_resumes_only_with_as_many_processes(straight, capsys):
+    root, bert = straight
+    folder = root / 'one_of_two'
+    train.main(train_argv(root, bert, folder.name, *OPTIONS, '--max_steps', '2'))
+    ckpt = torch.load(folder / 'checkpoint_last.pth', weights_only=True)
+    ckpt['position'] = {**ckpt['position'], 'world_size': 2}
+    torch.save(ckpt, folder / 'checkpoint_last.pth')
+    code, err = run_main(train.main, resume_argv(folder), capsys)
+    assert_user_error(code, err, f'{folder / "checkpoint_last.pth"} was written inside an epoch by 2 process(es); '
+                                 'resume it with as many (this run has 1)')
+
+
 def test_a_second_signal_stops_at_once_and_handlers_are_restored(straight, monkeypatch):
     root, bert = straight
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
@@ -296,8 +342,6 @@ def test_a_repeated_signal_within_the_window_is_the_same_request():
 
 # ----------------------------------------------------------------------------- two gloo processes
 
-ORIGINAL_FORWARD = HREM.forward
-
 
 def _gloo_rank(rank, plan):
     """One rank of each planned run: (port, argv, hook (rank or None for all, call, action), status file)."""
@@ -320,17 +364,16 @@ def two_ranks(plan):
     for p in ranks:
         p.start()
     for p in ranks:
-        p.join()
+        p.join(timeout=300)  # a rank left waiting for the other one fails the test, not the suite
+        if p.is_alive():
+            p.kill()
+            p.join()
     return [p.exitcode for p in ranks]
-
-
-def sigterm_self():
-    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def test_two_gloo_processes_killed_or_stopped_inside_an_epoch_then_resumed(straight):
     root, bert = straight
-    call = random.randint(3, 2 * STEPS_PER_EPOCH)
+    call = random.choice(KILL_CALLS)
     argv = {run: train_argv(root, bert, run, *OPTIONS, *MID) for run in ('da', 'db', 'dc')}
     # da straight; dc: only rank 1 gets SIGTERM, during step 7; db: both ranks SIGKILLed at `call`
     codes = two_ranks([(free_port(), argv['da'], None, None),
