@@ -228,7 +228,7 @@ def resume_argv(folder, *extra):
 @pytest.mark.parametrize('workers', ['0', '2'])
 def test_sigkill_inside_an_epoch_then_resume_equals_the_straight_run(straight, workers):
     root, bert = straight
-    call = random.choice(KILL_CALLS)
+    call = random.SystemRandom().choice(KILL_CALLS)  # train.main seeds the global random module
     run = root / f'kill{workers}'
     code = in_child(_killed_run, train_argv(root, bert, run.name, *OPTIONS, *MID, '--workers', workers),
                     call, sigkill_self)
@@ -373,7 +373,7 @@ def two_ranks(plan):
 
 def test_two_gloo_processes_killed_or_stopped_inside_an_epoch_then_resumed(straight):
     root, bert = straight
-    call = random.choice(KILL_CALLS)
+    call = random.SystemRandom().choice(KILL_CALLS)  # train.main seeds the global random module
     argv = {run: train_argv(root, bert, run, *OPTIONS, *MID) for run in ('da', 'db', 'dc')}
     # da straight; dc: only rank 1 gets SIGTERM, during step 7; db: both ranks SIGKILLed at `call`
     codes = two_ranks([(free_port(), argv['da'], None, None),
