@@ -16,13 +16,15 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
+import arguments
 import lib.resume
 import train
-from lib.data import TrainDataset
+from lib.data import PrecompSplit, TrainDataset
+from lib.distributed import DistEnv
 from lib.model import HREM
 from test_distributed import free_port
 from test_errors import assert_user_error, bert_folder, make_data, run_main, train_argv
-from test_faults import nan_on_calls
+from test_faults import in_worker_only, nan_on_calls
 
 STEPS_PER_EPOCH = 5  # 20 captions, batch 4
 # the relation module starts in the second epoch; the lr decays after the first
@@ -329,6 +331,16 @@ def test_a_second_signal_stops_at_once_and_handlers_are_restored(straight, monke
         train.main(train_argv(root, bert, run.name, *OPTIONS, '--checkpoint_every', '1'))
     assert torch.load(run / 'checkpoint_last.pth', weights_only=True)['iteration'] == 2, 'no step after it'
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_dataloader_workers_leave_stop_signals_to_the_main_process(straight, monkeypatch, tokenizer):
+    root, bert = straight
+    # a worker started by any method (fork inherits the main process's handlers, spawn does not)
+    monkeypatch.setattr(TrainDataset, '__getitem__', in_worker_only(lambda: os.kill(os.getpid(), signal.SIGTERM)))
+    args = arguments.parse_train_args(train_argv(root, bert, 'unused', '--workers', '2'))
+    loader, _, _ = train.make_loader(PrecompSplit(str(root), 'tiny', 'train', tokenizer), args,
+                                     DistEnv(0, 1, 0, torch.device('cpu')))
+    assert sorted(i for batch in loader for i in batch['caption_ids'].tolist()) == list(range(20))
 
 
 def test_a_repeated_signal_within_the_window_is_the_same_request():
