@@ -86,7 +86,7 @@ class StopSignals:
                            '(send it again to stop at once)')
         elif time.monotonic() - self._first > REPEAT_WINDOW_S:
             self._restore()
-            signal.raise_signal(signum)
+            pass
 
 
 def ignore_stop_signals(worker_id):
