@@ -63,6 +63,7 @@ def resolve_args(argv):
         merged = {**vars(args), **saved['args'], **{k: explicit[k] for k in RESUME_OVERRIDES if k in explicit}}
         merged['logger_name'] = os.path.dirname(os.path.abspath(args.resume))
         merged['init_from'] = None  # the run's weights now come from --resume
+        merged['max_steps'] = args.max_steps  # a limit of one invocation: a resume without it runs to the end
         args = arguments.argparse.Namespace(**merged)
         return args, saved
     return args, None
@@ -152,7 +153,7 @@ def last_checkpoint(model, args, env, state, optimizer, scheduler, scaler, write
                     'rng': all_gather_objects(rng_state(env.device), env)}
     if env.is_main:
         writer.flush()  # the events up to this step reach the disk before a checkpoint that keeps them
-        ckpt = ckpt_lib.make_checkpoint(model, args, state.epoch if mid_epoch else state.epoch + 1, state.step,
+        ckpt = ckpt_lib.make_checkpoint(model, args, state.epoch + 1, state.step,
                                         state.best_rsum, optimizer, scheduler, scaler, state.counters(), position)
         ckpt_lib.save_atomic(ckpt, os.path.join(args.logger_name, run_folder.LAST))
         return ckpt

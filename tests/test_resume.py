@@ -273,7 +273,7 @@ def test_max_steps_inside_an_epoch_then_resume_continues_that_epoch(straight, mo
     read = []
     original = TrainDataset.__getitem__
     monkeypatch.setattr(TrainDataset, '__getitem__', lambda self, i: read.append(i) or original(self, i))
-    train.main(resume_argv(run, '--max_steps', '0'))
+    train.main(resume_argv(run))  # no --max_steps: the limit was the stopped invocation's
     # the resumed run reads only the rest of epoch 1's order: batches 2, 3, 4 of 4 captions
     order = torch.utils.data.DistributedSampler(range(20), 1, 0, shuffle=True, seed=3, drop_last=True)
     order.set_epoch(1)
