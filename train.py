@@ -153,7 +153,7 @@ def last_checkpoint(model, args, env, state, optimizer, scheduler, scaler, write
                     'rng': all_gather_objects(rng_state(env.device), env)}
     if env.is_main:
         writer.flush()  # the events up to this step reach the disk before a checkpoint that keeps them
-        ckpt = ckpt_lib.make_checkpoint(model, args, state.epoch + 1, state.step,
+        ckpt = ckpt_lib.make_checkpoint(model, args, state.epoch if mid_epoch else state.epoch + 1, state.step,
                                         state.best_rsum, optimizer, scheduler, scaler, state.counters(), position)
         ckpt_lib.save_atomic(ckpt, os.path.join(args.logger_name, run_folder.LAST))
         return ckpt

@@ -86,7 +86,7 @@ class StopSignals:
                            '(send it again to stop at once)')
         elif time.monotonic() - self._first > REPEAT_WINDOW_S:
             self._restore()
-            pass
+            signal.raise_signal(signum)
 
 
 def ignore_stop_signals(worker_id):
