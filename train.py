@@ -299,5 +299,6 @@ def main(argv=None):
     barrier(env)
     cleanup(env)
 
+
 if __name__ == '__main__':
     main()
