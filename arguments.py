@@ -167,6 +167,11 @@ def get_train_parser():
                    help="split for model selection (dev: its first 5000 captions); the authors select on "
                         "'test' (Flickr30K) or 'testall' (COCO)")
     g.add_argument('--resume', default=None, help='checkpoint_last.pth of a run to continue exactly')
+    g.add_argument('--checkpoint_every', type=int, default=0,
+                   help='also write checkpoint_last.pth every N optimizer steps inside an epoch (0: off)')
+    g.add_argument('--checkpoint_minutes', type=float, default=30,
+                   help='also write checkpoint_last.pth inside an epoch when this many minutes passed since '
+                        'the last save (0: off): a job killed without warning loses at most that much')
     g.add_argument('--init_from', default=None,
                    help="start from the encoder weights of a checkpoint (ours or the authors'); "
                         'relation module, optimizer and schedule start fresh')

@@ -6,10 +6,11 @@ import logging
 import math
 import os
 import random
+import signal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 import arguments
@@ -17,19 +18,21 @@ from lib import checkpoint as ckpt_lib
 from lib import run_folder
 from lib.data import PrecompSplit, TrainDataset, check_feature_sizes, collate
 from lib.demo_data import ensure_demo
-from lib.distributed import barrier, cleanup, init_distributed, wrap_ddp
+from lib.distributed import all_gather_objects, all_max, barrier, cleanup, init_distributed, wrap_ddp
 from lib.engine import TrainState, train_one_epoch, unwrap, validate
 from lib.errors import UserError, exit_on_user_error
 from lib.evaluation import evaluate_sims, format_result, save_sims
 from lib.model import HREM, build_optimizer
 from lib.precision import check_precision, grad_scaler
+from lib.resume import (CheckpointSchedule, OffsetSampler, StopSignals, ignore_stop_signals,
+                        rng_state)
 from lib.text_model import load_text_backbone, load_tokenizer
 
 logger = logging.getLogger('hrem')
 
 # Options a resumed run may change; everything else is taken from the checkpoint.
 RESUME_OVERRIDES = ('device', 'workers', 'resume', 'max_steps', 'num_epochs', 'log_step', 'eval_batch_size',
-                    'data_path', 'bert_path', 'max_nonfinite')
+                    'data_path', 'bert_path', 'max_nonfinite', 'checkpoint_every', 'checkpoint_minutes')
 
 
 def seed_all(seed):
@@ -60,6 +63,7 @@ def resolve_args(argv):
         merged = {**vars(args), **saved['args'], **{k: explicit[k] for k in RESUME_OVERRIDES if k in explicit}}
         merged['logger_name'] = os.path.dirname(os.path.abspath(args.resume))
         merged['init_from'] = None  # the run's weights now come from --resume
+        merged['max_steps'] = args.max_steps  # a limit of one invocation: a resume without it runs to the end
         args = arguments.argparse.Namespace(**merged)
         return args, saved
     return args, None
@@ -72,6 +76,8 @@ def check_args(args, env):
     if args.batch_size % env.world_size:
         raise UserError(f'--batch_size {args.batch_size} is the global batch; it must divide evenly over '
                         f'{env.world_size} processes')
+    if args.checkpoint_every < 0 or args.checkpoint_minutes < 0:
+        raise UserError('--checkpoint_every and --checkpoint_minutes must be >= 0 (0 turns each off)')
     if int(args.batch_size * args.threshold) < 1:
         raise UserError(f'--threshold {args.threshold} keeps no connection in a batch of {args.batch_size}; '
                         'raise it so that batch_size * threshold >= 1')
@@ -85,34 +91,72 @@ def check_args(args, env):
 def make_loader(split, args, env):
     dataset = TrainDataset(split, args.seed, bool(args.size_augment), bool(args.text_augment))
     # one code path for 1 or N processes: each rank takes its share of every shuffled epoch
-    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
+    sampler = OffsetSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                            seed=args.seed, drop_last=True)
     per_rank = args.batch_size // env.world_size
     if len(dataset) // env.world_size < per_rank:
         raise UserError(f'the training split has {len(dataset)} captions, fewer than one batch of '
                         f'{args.batch_size}; lower --batch_size')
     loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
-                        collate_fn=collate, drop_last=True, pin_memory=env.device.type == 'cuda')
+                        collate_fn=collate, drop_last=True, pin_memory=env.device.type == 'cuda',
+                        worker_init_fn=ignore_stop_signals)
     return loader, dataset, sampler
 
 
-def evaluate_best(model, args, env, split, writer):
-    """Evaluate model_best.pth on the dataset's test protocol; write results.json and sims."""
+def evaluate_best(model, args, env, split, writer, state, mid_epoch):
+    """Evaluate model_best.pth on the dataset's test protocol; write results.json and sims.
+    A run stopped inside its first epoch has no model_best.pth: its current weights (those of
+    checkpoint_last.pth) are evaluated instead."""
     folder = args.logger_name
-    best = ckpt_lib.read_checkpoint(os.path.join(folder, run_folder.BEST))
-    ckpt_lib.load_model_weights(unwrap(model), best, os.path.join(folder, run_folder.BEST))
+    best_path = os.path.join(folder, run_folder.BEST)
+    if mid_epoch and not os.path.isfile(best_path):
+        name, epoch, step = run_folder.LAST, state.epoch, state.step
+    else:
+        best = ckpt_lib.read_checkpoint(best_path)
+        ckpt_lib.load_model_weights(unwrap(model), best, best_path)
+        name, epoch, step = run_folder.BEST, best['epoch'], best['iteration']
     split_name = arguments.test_split_of(args.dataset)
-    logger.info(f'evaluating model_best.pth (epoch {best["epoch"]}) on {split_name}')
+    logger.info(f'evaluating {name} (epoch {epoch}, step {step}) on {split_name}')
     _, sims = validate(model, split, args, env)
     results = evaluate_sims(sims, fold5=args.dataset == 'coco' and split.n_images == 5000)
     for r in results[1:]:
         logger.info(format_result(r))
-    run_folder.write_results(folder, results, {'split': split_name, 'checkpoint': run_folder.BEST,
-                                               'epoch': best['epoch']})
+    run_folder.write_results(folder, results, {'split': split_name, 'checkpoint': name, 'epoch': epoch})
     save_sims(os.path.join(folder, f'results_{args.dataset}.npy'), sims)
     if writer is not None:
-        writer.add_scalar('test/rsum', results[0]['rsum'], best['iteration'])
+        # a stopped epoch logs at the stop step: a resumed run purges it and logs its own
+        writer.add_scalar('test/rsum', results[0]['rsum'], state.step if mid_epoch else step)
     return results
+
+
+def resume_position(ckpt, env, n_batches, source):
+    """(batches taken, this rank's random state) where a mid-epoch checkpoint left its epoch;
+    (0, None) for one taken at an epoch's end (also every checkpoint of older versions)."""
+    position = ckpt.get('position')
+    if not position:
+        return 0, None
+    if position['world_size'] != env.world_size:
+        raise UserError(f'{source} was written inside an epoch by {position["world_size"]} process(es); resume it '
+                        f'with as many (this run has {env.world_size}), or resume from an epoch\'s end checkpoint')
+    if position['batches'] >= n_batches:
+        raise UserError(f'{source} was written after batch {position["batches"]} of an epoch, but an epoch of '
+                        f'this training split has {n_batches} batches; resume with the data it was trained on')
+    return position['batches'], position['rng'][env.rank]
+
+
+def last_checkpoint(model, args, env, state, optimizer, scheduler, scaler, writer, mid_epoch):
+    """Write checkpoint_last.pth at an epoch's end (rank 0 calls it) or, with the position and
+    every rank's random state, after state.position batches of an epoch (every rank calls it)."""
+    position = None
+    if mid_epoch:
+        position = {'batches': state.position, 'world_size': env.world_size,
+                    'rng': all_gather_objects(rng_state(env.device), env)}
+    if env.is_main:
+        writer.flush()  # the events up to this step reach the disk before a checkpoint that keeps them
+        ckpt = ckpt_lib.make_checkpoint(model, args, state.epoch if mid_epoch else state.epoch + 1, state.step,
+                                        state.best_rsum, optimizer, scheduler, scaler, state.counters(), position)
+        ckpt_lib.save_atomic(ckpt, os.path.join(args.logger_name, run_folder.LAST))
+        return ckpt
 
 
 @exit_on_user_error
@@ -171,47 +215,83 @@ def main(argv=None):
         scheduler.load_state_dict(resume_ckpt['scheduler'])
         if resume_ckpt.get('scaler'):
             scaler.load_state_dict(resume_ckpt['scaler'])
-        state = TrainState(resume_ckpt['epoch'], resume_ckpt['iteration'], resume_ckpt['best_rsum'])
-        logger.info(f'resumed from {args.resume}: epoch {state.epoch}, step {state.step}')
+        state = TrainState(resume_ckpt['epoch'], resume_ckpt['iteration'], resume_ckpt['best_rsum'],
+                           **resume_ckpt.get('counters', {}))
 
     train_model, gather = model, None
     if env.distributed:
         train_model, gather = wrap_ddp(model, env, args.seed)
 
     loader, dataset, sampler = make_loader(train_split, args, env)
+    n_batches = len(loader)
+    start, rng = resume_position(resume_ckpt, env, n_batches, args.resume) if resume_ckpt else (0, None)
+    if resume_ckpt is not None:
+        logger.info(f'resumed from {args.resume}: epoch {state.epoch}, step {state.step}, batch {start} of the epoch')
     # purge_step drops events a killed run logged after its last checkpoint
     writer = SummaryWriter(folder, purge_step=state.step if resume_ckpt else None) if env.is_main else None
     logger.info(f'{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; '
-                f'{len(loader)} steps per epoch; relations start at step {args.warmup}')
+                f'{n_batches} steps per epoch; relations start at step {args.warmup}')
 
-    for epoch in range(state.epoch, args.num_epochs):
-        state.epoch = epoch
-        # every random choice of an epoch derives from (seed, rank, epoch): resuming repeats it
-        seed_all(args.seed + 1000 * epoch + env.rank)
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        finished = train_one_epoch(train_model, loader, optimizer, scaler, state, args, env, writer, gather)
-        scheduler.step()
-        if env.is_main:
-            # logged at the epoch's last step: a resumed run purges events from state.step on
-            results, _ = validate(model, val_split, args, env, state.step - 1, writer)
-            rsum = results[0]['rsum']
-            is_best = rsum > state.best_rsum or not math.isfinite(state.best_rsum)
-            state.best_rsum = max(rsum, state.best_rsum)
-            logger.info(f'epoch {epoch}: {args.val_split} rsum {rsum:.1f} (best {state.best_rsum:.1f})')
-            ckpt = ckpt_lib.make_checkpoint(model, args, epoch + 1, state.step, state.best_rsum,
-                                            optimizer, scheduler, scaler)
-            ckpt_lib.save_atomic(ckpt, os.path.join(folder, run_folder.LAST))
-            if is_best:
-                ckpt_lib.save_atomic(ckpt, os.path.join(folder, run_folder.BEST))
-            writer.flush()
-        barrier(env)
-        if not finished:
-            logger.info(f'stopped after --max_steps {args.max_steps}')
-            break
+    schedule = CheckpointSchedule(args.checkpoint_every, args.checkpoint_minutes)
+    mid_epoch, signum = False, 0
+    with StopSignals() as stop:
+        def after_step():
+            """Mid-epoch: a checkpoint when one is due; True when a signal asks every rank to stop."""
+            nonlocal signum
+            signum, due = all_max([stop.signum, int(schedule.due(state.step))], env)
+            if due and not signum:  # a stop writes its own checkpoint
+                last_checkpoint(model, args, env, state, optimizer, scheduler, scaler, writer, True)
+                schedule.saved()
+            return bool(signum)
 
+        for epoch in range(state.epoch, args.num_epochs):
+            state.epoch, state.position = epoch, start
+            if args.max_steps and state.step >= args.max_steps:
+                mid_epoch = start > 0  # checkpoint_last.pth already holds this position
+                break
+            # every random choice of an epoch derives from (seed, rank, epoch): resuming repeats it
+            seed_all(args.seed + 1000 * epoch + env.rank)
+            sampler.set_epoch(epoch)
+            sampler.start = start * loader.batch_size  # a mid-epoch resume skips the batches taken
+            dataset.set_epoch(epoch)
+            finished = train_one_epoch(train_model, loader, optimizer, scaler, state, args, env, writer, gather,
+                                       after_step, rng)
+            start, rng = 0, None
+            if not finished:  # stopped by --max_steps or a signal: validation stays at epochs' ends
+                mid_epoch = True
+                last_checkpoint(model, args, env, state, optimizer, scheduler, scaler, writer, True)
+                break
+            scheduler.step()
+            if env.is_main:
+                # logged at the epoch's last step: a resumed run purges events from state.step on
+                results, _ = validate(model, val_split, args, env, state.step - 1, writer)
+                rsum = results[0]['rsum']
+                is_best = rsum > state.best_rsum or not math.isfinite(state.best_rsum)
+                state.best_rsum = max(rsum, state.best_rsum)
+                logger.info(f'epoch {epoch}: {args.val_split} rsum {rsum:.1f} (best {state.best_rsum:.1f})')
+                ckpt = last_checkpoint(model, args, env, state, optimizer, scheduler, scaler, writer, False)
+                if is_best:
+                    ckpt_lib.save_atomic(ckpt, os.path.join(folder, run_folder.BEST))
+            schedule.saved()
+            barrier(env)
+            signum = all_max([stop.signum], env)[0]  # a signal during validation stops before the next epoch
+            if signum:
+                break
+
+    where = f'step {state.step} (epoch {state.epoch}, batch {state.position} of {n_batches})'
+    resume_cmd = f'--resume {os.path.join(folder, run_folder.LAST)}'
+    if signum:
+        logger.warning(f'stopped by {signal.Signals(signum).name} at {where}; checkpoint_last.pth holds it. Continue '
+                       f'with the same command line (and launcher) given only {resume_cmd}')
+        if writer is not None:
+            writer.close()
+        cleanup(env)
+        raise SystemExit(128 + signum)  # the shell's status for "ended by this signal"
+    if args.max_steps and state.step >= args.max_steps:
+        logger.info(f'stopped after --max_steps {args.max_steps} at {where}; continue with {resume_cmd} '
+                    'and a larger --max_steps (or none)')
     if env.is_main:
-        results = evaluate_best(model, args, env, test_split, writer)
+        results = evaluate_best(model, args, env, test_split, writer, state, mid_epoch)
         writer.close()
         logger.info(f'done: test rsum {results[0]["rsum"]:.1f}; results in {os.path.join(folder, run_folder.RESULTS)}')
     barrier(env)

@@ -1,6 +1,6 @@
 """Benchmarks: a training step, the relation module beside a per-caption loop reference,
-COCO-5K evaluation beside a per-row argsort loop, and the resident memory of a short training
-run on a memory-mapped feature file. Prints one JSON document.
+COCO-5K evaluation beside a per-row argsort loop, the resident memory of a short training
+run on a memory-mapped feature file, and one mid-epoch checkpoint save. Prints one JSON document.
 
     python bench/bench.py --parts relation step eval memmap --text minilm
 
@@ -168,19 +168,24 @@ def build_model(o, device):
     return model, args, build_optimizer(model, args)[0]
 
 
-def measure_step(o, device):
-    """One optimizer step after --warmup (the relation module runs): forward, backward, update,
-    with our relation module and with the loop reference."""
-    from lib.precision import autocast, grad_scaler
-    model, args, optimizer = build_model(o, device)
-    scaler = grad_scaler(device, o.precision)
+def random_batch(o, device):
     g = torch.Generator().manual_seed(0)
     b = o.batch_size
     lengths = torch.randint(8, o.tokens + 1, (b,), generator=g)
     tokens = torch.randint(1000, 30000, (b, o.tokens), generator=g) * (torch.arange(o.tokens) < lengths[:, None])
     batch = {'regions': torch.rand(b, o.regions, o.img_dim, generator=g), 'region_lengths': torch.full((b,), o.regions),
              'tokens': tokens, 'token_lengths': lengths, 'img_ids': torch.arange(b) // 2}
-    batch = {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def measure_step(o, device):
+    """One optimizer step after --warmup (the relation module runs): forward, backward, update,
+    with our relation module and with the loop reference."""
+    from lib.precision import autocast, grad_scaler
+    model, args, optimizer = build_model(o, device)
+    scaler = grad_scaler(device, o.precision)
+    b = o.batch_size
+    batch = random_batch(o, device)
     params = [p for group in optimizer.param_groups for p in group['params']]
     model.train()
 
@@ -277,7 +282,39 @@ def measure_memmap(o, device):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-PARTS = {'relation': measure_relation, 'step': measure_step, 'eval': measure_eval, 'memmap': measure_memmap}
+def measure_checkpoint(o, device):
+    """One mid-epoch checkpoint_last.pth as train.py writes it (weights, AdamW state after one
+    step, every random state; copied off the device, saved, fsynced, renamed) into --save_dir."""
+    from torch.utils.tensorboard import SummaryWriter
+    import train
+    from lib.distributed import DistEnv
+    from lib.engine import TrainState
+    from lib.precision import grad_scaler
+    model, args, optimizer = build_model(o, device)
+    model(random_batch(o, device), step=1).loss.backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    state = TrainState(0, 1)
+    state.position = 1
+    folder = tempfile.mkdtemp(dir=o.save_dir)
+    try:
+        args.logger_name = folder
+        writer = SummaryWriter(folder)
+
+        def save():
+            train.last_checkpoint(model, args, DistEnv(0, 1, 0, device), state, optimizer, scheduler,
+                                  grad_scaler(device, o.precision), writer, True)
+        medians, times = timed({'save': save}, device, o.repeat)
+        writer.close()
+        size = os.path.getsize(os.path.join(folder, 'checkpoint_last.pth'))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {'save_s': medians['save'], 'times': times, 'file_mb': size / 2**20, 'text_model': o.text,
+            'parameters_m': sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+PARTS = {'relation': measure_relation, 'step': measure_step, 'eval': measure_eval, 'memmap': measure_memmap,
+         'checkpoint': measure_checkpoint}
 
 
 def child(o):
@@ -310,6 +347,8 @@ def parse(argv=None):
     p.add_argument('--memmap_gb', type=float, default=2.5, help='size of the feature file of the memmap part')
     p.add_argument('--memmap_dir', default=tempfile.gettempdir(), help='where that file is written (and deleted)')
     p.add_argument('--memmap_bert', default=DEMO_TEXT_MODEL, help='text model folder for the memmap training run')
+    p.add_argument('--save_dir', default=tempfile.gettempdir(),
+                   help='where the checkpoint part writes (and deletes) its file: the disk of your runs')
     p.add_argument('--out', default=None, help='also write the JSON here')
     p.add_argument('--part', help=argparse.SUPPRESS)
     return p.parse_args(argv)

@@ -1,7 +1,11 @@
 """Checkpoints: atomic writes, safe reads, and the mapping to and from the authors' format.
 
 Ours:     {'format': 'hrem-ckpt/1', 'model': {'img_enc', 'txt_enc', 'relation'}, 'args': dict,
-           'epoch', 'iteration', 'best_rsum', 'optimizer', 'scheduler', 'scaler'}
+           'epoch', 'iteration', 'best_rsum', 'optimizer', 'scheduler', 'scaler', 'counters', 'position'}
+          'epoch' counts finished epochs, 'iteration' optimizer steps. 'counters' (non-finite steps)
+          and 'position' are optional (older checkpoints lack them): 'position' is None at an
+          epoch's end, inside one {'batches': taken from the epoch 'epoch', 'world_size',
+          'rng': one random state per rank (lib.resume.rng_state)}.
 Authors': {'model': [image_state, text_state], 'opt': argparse.Namespace, 'epoch': int,
            'best_rsum': float, 'Eiters': int} (no relation module).
 
@@ -160,7 +164,8 @@ def load_model_weights(model, ckpt, source, relation=True):
         load_module_state(model.relation, ckpt['model']['relation'], 'relation module', source)
 
 
-def make_checkpoint(model, args, epoch, iteration, best_rsum, optimizer=None, scheduler=None, scaler=None):
+def make_checkpoint(model, args, epoch, iteration, best_rsum, optimizer=None, scheduler=None, scaler=None,
+                    counters=None, position=None):
     def cpu(state):
         return {k: v.detach().cpu() for k, v in state.items()}
     return {'format': FORMAT,
@@ -169,4 +174,5 @@ def make_checkpoint(model, args, epoch, iteration, best_rsum, optimizer=None, sc
             'args': dict(vars(args)), 'epoch': epoch, 'iteration': iteration, 'best_rsum': best_rsum,
             'optimizer': optimizer.state_dict() if optimizer else None,
             'scheduler': scheduler.state_dict() if scheduler else None,
-            'scaler': scaler.state_dict() if scaler and scaler.is_enabled() else None}
+            'scaler': scaler.state_dict() if scaler and scaler.is_enabled() else None,
+            'counters': counters or {}, 'position': position}

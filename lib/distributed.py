@@ -96,6 +96,24 @@ def all_finite(loss, env):
     return bool(finite.item())
 
 
+def all_max(values, env):
+    """The element-wise maximum over ranks of a few integers: every rank takes the same decision."""
+    if not env.distributed:
+        return list(values)
+    out = torch.tensor(values, dtype=torch.int64, device=env.device)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.tolist()
+
+
+def all_gather_objects(obj, env):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects)."""
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class GlobalBatch:
     """What HREM.forward needs to see the global batch on every rank.
 

@@ -10,6 +10,7 @@ from lib.distributed import all_finite
 from lib.errors import UserError
 from lib.evaluation import RECALL_AT, evaluate_sims, format_result, split_sims
 from lib.precision import autocast
+from lib.resume import set_rng_state
 
 logger = logging.getLogger('hrem')
 
@@ -26,22 +27,36 @@ def to_device(batch, device):
 class TrainState:
     """Counters that a checkpoint must restore for an exact resume."""
 
-    def __init__(self, epoch=0, step=0, best_rsum=-math.inf):
+    def __init__(self, epoch=0, step=0, best_rsum=-math.inf, nonfinite_in_a_row=0, nonfinite_total=0):
         self.epoch, self.step, self.best_rsum = epoch, step, best_rsum
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
+        self.position = 0  # batches taken from the current epoch (optimizer steps and skipped ones)
+        self.nonfinite_in_a_row = nonfinite_in_a_row
+        self.nonfinite_total = nonfinite_total
+
+    def counters(self):
+        return {'nonfinite_in_a_row': self.nonfinite_in_a_row, 'nonfinite_total': self.nonfinite_total}
 
 
-def train_one_epoch(model, loader, optimizer, scaler, state, args, env, writer=None, gather=None):
-    """Train for one epoch; returns False when --max_steps stopped it early."""
+def train_one_epoch(model, loader, optimizer, scaler, state, args, env, writer=None, gather=None,
+                    after_step=None, rng=None):
+    """Train on the epoch's batches from state.position on (the loader yields only those).
+
+    After each optimizer step that is not the epoch's last, stop when --max_steps is reached or
+    after_step() returns True. rng: the random states to continue from (a mid-epoch resume).
+    Returns False when stopped before the epoch's end.
+    """
     model.train()
     max_violation = args.max_violation or state.epoch >= args.vse_mean_warmup_epochs
     params = [p for g in optimizer.param_groups for p in g['params']]
-    bar = tqdm(loader, desc=f'epoch {state.epoch}', disable=not env.is_main, dynamic_ncols=True, leave=False)
+    n_batches = state.position + len(loader)
+    batches = iter(loader)  # draws the workers' base seed from the torch RNG, as at every epoch's start
+    if rng is not None:
+        set_rng_state(rng, env.device)
+    bar = tqdm(batches, desc=f'epoch {state.epoch}', total=n_batches, initial=state.position,
+               disable=not env.is_main, dynamic_ncols=True, leave=False)
     tick = time.perf_counter()
     for batch in bar:
-        if args.max_steps and state.step >= args.max_steps:
-            return False
+        state.position += 1
         batch = to_device(batch, env.device)
         with autocast(env.device, args.precision):
             out = model(batch, state.step, max_violation, gather)
@@ -74,6 +89,9 @@ def train_one_epoch(model, loader, optimizer, scaler, state, args, env, writer=N
                 parts = ' '.join(f'{k} {v.item():.3f}' for k, v in out.parts.items())
                 logger.info(f'epoch {state.epoch} step {state.step}: {parts} | {samples_per_s:.0f} samples/s')
         state.step += 1
+        if state.position < n_batches and ((args.max_steps and state.step >= args.max_steps)
+                                           or (after_step is not None and after_step())):
+            return False
     return True
 
 
