@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -96,8 +97,9 @@ def make_loader(split, args, env):
     return loader, dataset, sampler
 
 
-def evaluate_best(model, args, env, split, writer):
-    """Evaluate model_best.pth on the dataset's test protocol; write results.json and sims."""
+def evaluate_best(model, args, env, split, writer, started):
+    """Evaluate model_best.pth on the dataset's test protocol; write results.json and sims.
+    `started`: time.time() when this process began (a resumed run counts from its resume)."""
     folder = args.logger_name
     best = ckpt_lib.read_checkpoint(os.path.join(folder, run_folder.BEST))
     ckpt_lib.load_model_weights(unwrap(model), best, os.path.join(folder, run_folder.BEST))
@@ -108,7 +110,8 @@ def evaluate_best(model, args, env, split, writer):
     for r in results[1:]:
         logger.info(format_result(r))
     run_folder.write_results(folder, results, {'split': split_name, 'checkpoint': run_folder.BEST,
-                                               'epoch': best['epoch']})
+                                               'epoch': best['epoch'],
+                                               'wall_time_s': round(time.time() - started, 1)})
     save_sims(os.path.join(folder, f'results_{args.dataset}.npy'), sims)
     if writer is not None:
         writer.add_scalar('test/rsum', results[0]['rsum'], best['iteration'])
@@ -117,6 +120,7 @@ def evaluate_best(model, args, env, split, writer):
 
 @exit_on_user_error
 def main(argv=None):
+    started = time.time()
     args, resume_ckpt = resolve_args(argv)
     env = init_distributed(args.device)
     check_args(args, env)
@@ -213,7 +217,7 @@ def main(argv=None):
             break
 
     if env.is_main:
-        results = evaluate_best(model, args, env, test_split, writer)
+        results = evaluate_best(model, args, env, test_split, writer, started)
         writer.close()
         logger.info(f'done: test rsum {results[0]["rsum"]:.1f}; results in {os.path.join(folder, run_folder.RESULTS)}')
     barrier(env)
