@@ -186,8 +186,8 @@ def parse_args(argv=None):
 @exit_on_user_error
 def main(argv=None):
     opts = parse_args(argv)
-    model, args, ckpt = load_relation_model(opts.checkpoint, pick_device(opts.device), opts.bert_path)
-    device = next(model.parameters()).device
+    device = pick_device(opts.device)
+    model, args, ckpt = load_relation_model(opts.checkpoint, device, opts.bert_path)
     dataset = opts.dataset or args.dataset
     data_path = opts.data_path or args.data_path
     split_name = opts.split or arguments.test_split_of(dataset)

@@ -24,6 +24,7 @@ from lib.run_folder import OPTIONS, RESULTS  # noqa: E402
 
 # results.json entries shown as rows: the whole split and COCO's 5-fold mean (not each fold)
 SHOWN_RESULTS = ('full', '1k-mean')
+BAR_LABELS = {'full': 'whole test split', '1k-mean': '5-fold 1K mean'}
 RECALLS = [(d, k) for d in ('i2t', 't2i') for k in ('r1', 'r5', 'r10')]
 METRICS = [f'{d}_{k}' for d, k in RECALLS] + ['rsum']
 # options that differ between any two runs without changing what they compute
@@ -119,8 +120,6 @@ def select(runs, where=(), name=None, sort='rsum', ascending=False):
 
 
 def fmt_option(value):
-    if value is MISSING:
-        return MISSING
     return value if isinstance(value, str) else json.dumps(value)
 
 
@@ -186,25 +185,20 @@ def plot(runs, out, name='rsum'):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     import numpy as np
-    labels = sorted({r.get('name') for run in runs for r in run['results'] if r.get('name') in SHOWN_RESULTS},
-                    key=SHOWN_RESULTS.index) or ['full']
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.9 * len(runs) * len(labels)), 4))
-    width = 0.8 / len(labels)
+    shown = [n for n in SHOWN_RESULTS if any(r.get('name') == n for run in runs for r in run['results'])]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.9 * len(runs) * len(shown)), 4))
+    width = 0.8 / len(shown)
     x = np.arange(len(runs))
-    for j, label in enumerate(labels):
-        values, names = [], []
-        for run in runs:
-            found = [r for r in run['results'] if r.get('name') == label]
-            values.append(metric(found[0], name) if found else np.nan)
-            names = names or ([evaluation_label(run, found[0])] if found else [])
-        bars = ax.bar(x + (j - (len(labels) - 1) / 2) * width, values, width,
-                      label=names[0] if names else label, color=f'C{j}')
+    for j, which in enumerate(shown):
+        values = [next((metric(r, name) for r in run['results'] if r.get('name') == which), np.nan) for run in runs]
+        bars = ax.bar(x + (j - (len(shown) - 1) / 2) * width, values, width, label=BAR_LABELS[which], color=f'C{j}')
         ax.bar_label(bars, fmt='%.1f', fontsize=8)
-    ax.set_xticks(x, [r['run'] for r in runs], rotation=30 if len(runs) > 4 else 0, ha='right' if len(runs) > 4 else 'center')
+    ax.set_xticks(x, [r['run'] for r in runs], rotation=20, ha='right')
     ax.set(ylabel=name, title=f'{name} per run (test)')
     ax.grid(axis='y', alpha=0.3)
-    if len(labels) > 1:
-        ax.legend()
+    ax.margins(y=0.2)  # room for the values and the legend above the bars
+    if len(shown) > 1:
+        ax.legend(ncol=2, loc='upper left')
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=100)
