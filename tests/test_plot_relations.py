@@ -1,7 +1,9 @@
 """tools/plot_relations.py: the heatmaps show exactly the connection and relevance the trained
 relation module computes on the batch, and the figure is written (with thumbnails when the
 split's images are given)."""
+import json
 import os
+import time
 
 import cv2
 import numpy as np
@@ -13,7 +15,7 @@ import train
 from lib.model import HREM
 from lib.text_model import load_tokenizer
 from test_errors import bert_folder, make_data, precomp, run_main, train_argv
-from tools import plot_relations
+from tools import plot_relations, results_table
 
 EVAL_IMAGES = 8
 
@@ -24,8 +26,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp('relations')
     make_data(root, eval_images=EVAL_IMAGES)
     bert = bert_folder(root / 'bert')
+    before = time.time()
     train.main(train_argv(root, bert, 'run', '--warmup', '2', '--seed', '1'))
-    return root, bert, str(root / 'run' / 'model_best.pth')
+    return root, bert, str(root / 'run' / 'model_best.pth'), time.time() - before
 
 
 def reference_graph(ckpt_path, bert, ims_path, caps_path, images, captions):
@@ -49,7 +52,7 @@ def reference_graph(ckpt_path, bert, ims_path, caps_path, images, captions):
 
 
 def test_heatmaps_show_the_module_s_matrices(trained, tmp_path):
-    root, bert, ckpt = trained
+    root, bert, ckpt, _ = trained
     out = tmp_path / 'figs' / 'relations.png'
     graph, images, captions = plot_relations.main(['--checkpoint', ckpt, '--out', str(out), '--batch_size', '4',
                                                    '--batch_index', '1', '--examples', '0', '3'])
@@ -71,7 +74,7 @@ def test_heatmaps_show_the_module_s_matrices(trained, tmp_path):
 
 
 def test_pick_batch_consecutive_and_seeded(trained):
-    root, bert, _ = trained
+    root, bert, _, _ = trained
     split = plot_relations.PrecompSplit(str(root), 'tiny', 'test', load_tokenizer(bert))
     images, captions = plot_relations.pick_batch(split, 3, batch_index=1)
     assert list(images) == [3, 4, 5] and list(captions) == [15, 20, 25]
@@ -80,7 +83,7 @@ def test_pick_batch_consecutive_and_seeded(trained):
 
 
 def test_thumbnails_from_image_dir(trained, tmp_path):
-    _, _, ckpt = trained
+    _, _, ckpt, _ = trained
     folder = tmp_path / 'images'
     folder.mkdir()
     for i in range(EVAL_IMAGES):  # sorted file-name order is the split's order
@@ -93,8 +96,18 @@ def test_thumbnails_from_image_dir(trained, tmp_path):
 
 def test_authors_checkpoint_is_refused(trained, tmp_path, capsys):
     from lib import checkpoint as ckpt_lib
-    _, _, ckpt = trained
+    _, _, ckpt, _ = trained
     theirs = tmp_path / 'authors.pth'
     torch.save(ckpt_lib.to_authors(ckpt_lib.read_checkpoint(ckpt)), theirs)
     code, err = run_main(plot_relations.main, ['--checkpoint', str(theirs), '--out', str(tmp_path / 'x.png')], capsys)
     assert code == 2 and 'holds no relation module' in err and not os.path.exists(tmp_path / 'x.png')
+
+
+def test_results_json_records_the_wall_time_and_the_table_reads_it(trained, capsys):
+    root, _, _, elapsed = trained
+    doc = json.loads((root / 'run' / 'results.json').read_text())
+    assert 0 < doc['wall_time_s'] <= elapsed + 0.1  # train.main's own span, inside the test's
+    results_table.main([str(root / 'run'), '--json'])
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row['results'] == doc['results'] and row['wall_time_s'] == doc['wall_time_s']
+    assert row['epoch'] == doc['epoch'] == 1

@@ -86,10 +86,15 @@ def plot(runs, out, window=20, labels=None):
         weight = reg_weight(run)
         weights.add(weight)
         parts = loss_parts(curves, 1.0 if weight is None else weight)
+        start = warmup_step(parts)
         if LOSS_TAG in curves:
             steps, values = curves[LOSS_TAG]
             ax_loss.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
-            ax_loss.plot(steps, smooth(values, window), color=color, label=label)
+            # the mean restarts where the relations switch on: it shows the jump instead of a ramp
+            after = steps >= start if start is not None else np.zeros(len(steps), bool)
+            for seg, name in ((~after, label), (after, None)):
+                if seg.any():
+                    ax_loss.plot(steps[seg], smooth(values[seg], window), color=color, label=name)
             drawn += 1
         for name, (steps, values) in parts.items():
             present += [name] if name not in present else []
@@ -98,7 +103,6 @@ def plot(runs, out, window=20, labels=None):
             steps, values = curves[RSUM_TAG]
             ax_rsum.plot(steps, values, color=color, marker='o', label=label)
             drawn += 1
-        start = warmup_step(parts)
         if start is not None:
             for ax in (ax_loss, ax_parts, ax_rsum):
                 ax.axvline(start, color=color, linestyle=':', linewidth=1)
