@@ -60,7 +60,8 @@ def warmup_step(parts):
 
 
 def reg_weight(run):
-    """reg_loss_weight from the run's options.json (1 when the run has none: the plot then says so)."""
+    """reg_loss_weight from the run's options.json; None without one (the KL is then drawn
+    unweighted, and the legend says so)."""
     path = os.path.join(run, OPTIONS)
     if not os.path.isfile(path):
         return None
