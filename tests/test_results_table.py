@@ -27,9 +27,11 @@ def result(name, n_images, base, rsum):
 def results_doc(run):
     base = {'a': 60.0, 'b': 70.0, 'c': 50.0}[run]
     if run == 'c':  # COCO: 5K, five 1K folds and their mean
-        results = ([result('full', 5000, base, RSUM['c'])] + [result(f'1k-fold{i}', 1000, base + i, 0.0) for i in range(5)]
+        results = ([result('full', 5000, base, RSUM['c'])]
+                   + [result(f'1k-fold{i}', 1000, base + i, 0.0) for i in range(5)]
                    + [result('1k-mean', 1000, base + 12, 420.0)])
-        return {'results': results, 'split': 'testall', 'checkpoint': 'model_best.pth', 'epoch': 12, 'wall_time_s': 7322.4}
+        return {'results': results, 'split': 'testall', 'checkpoint': 'model_best.pth', 'epoch': 12,
+                'wall_time_s': 7322.4}
     doc = {'results': [result('full', 1000, base, RSUM[run])], 'split': 'test', 'checkpoint': 'model_best.pth',
            'epoch': {'a': 3, 'b': 2}[run]}
     if run == 'a':
@@ -52,7 +54,7 @@ def folders(root, names='abc'):
     return [str(root / n) for n in names]
 
 
-def expected_row(run, res):
+def expected_row(res):
     """The numbers of one results.json entry, in the table's column order."""
     return [res['i2t']['r1'], res['i2t']['r5'], res['i2t']['r10'], res['t2i']['r1'], res['t2i']['r5'],
             res['t2i']['r10'], res['rsum']]
@@ -76,7 +78,7 @@ def test_markdown_shows_differing_options_and_the_results(runs, capsys):
         assert row[1:4] == [OPTIONS[run]['dataset'], json.dumps(OPTIONS[run]['lr_schedules']),
                             str(OPTIONS[run]['threshold'])]
         assert row[5] == str(doc['epoch'])
-        assert row[6:13] == [f'{v:.1f}' for v in expected_row(run, res)]
+        assert row[6:13] == [f'{v:.1f}' for v in expected_row(res)]
     assert [c[4] for c in cells] == ['test 1K', 'test 1K', 'testall 5K', 'testall 1K x5']
     assert [c[13] for c in cells] == ['-', '0:03:11', '2:02:02', '2:02:02']
 
@@ -89,7 +91,7 @@ def test_csv_has_full_precision(runs, capsys):
         doc = results_doc(r['run'])
         res = doc['results'][-1] if r['test'].endswith('x5') else doc['results'][0]
         got = [float(r[k]) for k in ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10', 'rsum')]
-        assert got == expected_row(r['run'], res)
+        assert got == expected_row(res)
         assert r['threshold'] == str(OPTIONS[r['run']]['threshold'])
         assert r['wall_time_s'] == ('' if 'wall_time_s' not in doc else str(doc['wall_time_s']))
 

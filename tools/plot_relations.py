@@ -163,7 +163,8 @@ def draw(graph, texts, image_ids, examples, k=3, files=None, title='', thumb=96)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--checkpoint', required=True, help="model_best.pth or checkpoint_last.pth of this project's train.py")
+    p.add_argument('--checkpoint', required=True,
+                   help="model_best.pth or checkpoint_last.pth of this project's train.py")
     p.add_argument('--out', default='relations.png', help='PNG file to write (default relations.png)')
     p.add_argument('--data_path', default=None, help="default: the checkpoint's")
     p.add_argument('--dataset', default=None, help="default: the checkpoint's")

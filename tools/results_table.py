@@ -242,8 +242,9 @@ def main(argv=None):
                         f'nor an option in any run\'s {OPTIONS}')
     runs = select(runs, args.where, args.name, args.sort, args.ascending)
     if not runs:
-        raise UserError('no run to show: ' + ('none of the folders holds a results.json' if not args.where and not args.name
-                                              else 'no run with results matches --where / --name'))
+        filtered = args.where or args.name
+        raise UserError('no run to show: ' + ('no run with results matches --where / --name' if filtered
+                                              else 'none of the folders holds a results.json'))
     options = differing_options(runs)
     if args.json:
         print(json_text(runs, options))
