@@ -7,6 +7,7 @@ import math
 import os
 import random
 import signal
+import time
 
 import numpy as np
 import torch
@@ -103,10 +104,11 @@ def make_loader(split, args, env):
     return loader, dataset, sampler
 
 
-def evaluate_best(model, args, env, split, writer, state, mid_epoch):
+def evaluate_best(model, args, env, split, writer, state, mid_epoch, started):
     """Evaluate model_best.pth on the dataset's test protocol; write results.json and sims.
     A run stopped inside its first epoch has no model_best.pth: its current weights (those of
-    checkpoint_last.pth) are evaluated instead."""
+    checkpoint_last.pth) are evaluated instead. `started`: time.time() when this process began
+    (a resumed run counts from its resume)."""
     folder = args.logger_name
     best_path = os.path.join(folder, run_folder.BEST)
     if mid_epoch and not os.path.isfile(best_path):
@@ -121,7 +123,8 @@ def evaluate_best(model, args, env, split, writer, state, mid_epoch):
     results = evaluate_sims(sims, fold5=args.dataset == 'coco' and split.n_images == 5000)
     for r in results[1:]:
         logger.info(format_result(r))
-    run_folder.write_results(folder, results, {'split': split_name, 'checkpoint': name, 'epoch': epoch})
+    run_folder.write_results(folder, results, {'split': split_name, 'checkpoint': name, 'epoch': epoch,
+                                               'wall_time_s': round(time.time() - started, 1)})
     save_sims(os.path.join(folder, f'results_{args.dataset}.npy'), sims)
     if writer is not None:
         # a stopped epoch logs at the stop step: a resumed run purges it and logs its own
@@ -161,6 +164,7 @@ def last_checkpoint(model, args, env, state, optimizer, scheduler, scaler, write
 
 @exit_on_user_error
 def main(argv=None):
+    started = time.time()
     args, resume_ckpt = resolve_args(argv)
     env = init_distributed(args.device)
     check_args(args, env)
@@ -291,7 +295,7 @@ def main(argv=None):
         logger.info(f'stopped after --max_steps {args.max_steps} at {where}; continue with {resume_cmd} '
                     'and a larger --max_steps (or none)')
     if env.is_main:
-        results = evaluate_best(model, args, env, test_split, writer, state, mid_epoch)
+        results = evaluate_best(model, args, env, test_split, writer, state, mid_epoch, started)
         writer.close()
         logger.info(f'done: test rsum {results[0]["rsum"]:.1f}; results in {os.path.join(folder, run_folder.RESULTS)}')
     barrier(env)

@@ -1,4 +1,6 @@
 """tools/plot_curves.py: reads the loss / rsum events that train.py writes and draws a PNG."""
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -48,7 +50,7 @@ def test_png_of_two_runs(tmp_path):
     out = tmp_path / 'figs' / 'curves.png'
     plot_curves.main([str(tmp_path / 'a'), str(tmp_path / 'b'), '--out', str(out)])
     image = cv2.imread(str(out))
-    assert image is not None and image.shape == (400, 1100, 3)  # figsize (11, 4) at 100 dpi
+    assert image is not None and image.shape == (420, 1600, 3)  # figsize (16, 4.2) at 100 dpi
     assert image.std() > 10  # something is drawn
 
 
@@ -57,3 +59,41 @@ def test_folder_without_events_is_a_user_error(tmp_path, capsys):
         plot_curves.main([str(tmp_path), '--out', str(tmp_path / 'x.png')])
     assert exc.value.code == 2
     assert str(tmp_path) in capsys.readouterr().err
+
+
+def write_parts_run(folder, warmup, reg_weight):
+    """Events as lib/engine.py logs them: the parts, and the total = base + gnn + weight x KL."""
+    writer = SummaryWriter(str(folder))
+    for step in range(30):
+        base, gnn, kl = 3.0 - 0.05 * step, 6.0 - 0.1 * step, 0.02 + 0.001 * step
+        writer.add_scalar('train/loss_base', base, step)
+        total = base
+        if step >= warmup:
+            writer.add_scalar('train/loss_gnn', gnn, step)
+            writer.add_scalar('train/loss_reg', kl, step)
+            total += gnn + reg_weight * kl
+        writer.add_scalar('train/loss', total, step)
+    writer.close()
+    (folder / 'options.json').write_text(json.dumps({'reg_loss_weight': reg_weight, 'warmup': warmup}))
+
+
+def test_loss_parts_add_up_and_the_warmup_step_is_found(tmp_path):
+    write_parts_run(tmp_path / 'p', warmup=12, reg_weight=10.0)
+    curves = plot_curves.read_scalars(str(tmp_path / 'p'))
+    parts = plot_curves.loss_parts(curves, plot_curves.reg_weight(str(tmp_path / 'p')))
+    assert set(parts) == {'base', 'gnn', 'reg'}
+    assert plot_curves.warmup_step(parts) == 12
+    steps, total = curves['train/loss']
+    summed = parts['base'][1].astype(np.float64).copy()
+    for name in ('gnn', 'reg'):  # the relation parts exist from the warm-up step on
+        assert list(parts[name][0]) == list(range(12, 30))
+        summed[12:] += parts[name][1]
+    np.testing.assert_allclose(summed, total, rtol=1e-5)
+
+
+def test_png_with_loss_parts(tmp_path):
+    write_parts_run(tmp_path / 'p', warmup=12, reg_weight=10.0)
+    write_run(tmp_path / 'q', {s: 4.0 for s in range(20)}, {19: 5.0})  # an older run without parts
+    out = tmp_path / 'parts.png'
+    plot_curves.main([str(tmp_path / 'p'), str(tmp_path / 'q'), '--out', str(out)])
+    assert cv2.imread(str(out)).std() > 10

@@ -1,0 +1,260 @@
+"""One table of several runs: the options that differ between them and their test results.
+
+    python tools/results_table.py runs/*                       # Markdown
+    python tools/results_table.py runs/* --csv > runs.csv
+    python tools/results_table.py runs/* --where dataset=coco --sort t2i_r1 --plot imgs/runs.png
+
+Reads each run folder's options.json and results.json (train.py writes both) and nothing else.
+A folder without results.json (a run still training, or one that stopped) is skipped with a note
+on stderr. Markdown and CSV have one row per evaluation of a run: the whole test split
+(Flickr30K 1K, COCO 5K) and, where present, COCO's 5-fold 1K mean; --json prints one object
+per run with every evaluation in its results.json.
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lib.errors import UserError, exit_on_user_error  # noqa: E402
+from lib.run_folder import OPTIONS, RESULTS  # noqa: E402
+
+# results.json entries shown as rows: the whole split and COCO's 5-fold mean (not each fold)
+SHOWN_RESULTS = ('full', '1k-mean')
+BAR_LABELS = {'full': 'whole test split', '1k-mean': '5-fold 1K mean'}
+RECALLS = [(d, k) for d in ('i2t', 't2i') for k in ('r1', 'r5', 'r10')]
+METRICS = [f'{d}_{k}' for d, k in RECALLS] + ['rsum']
+# options that differ between any two runs without changing what they compute
+IGNORED_OPTIONS = {'logger_name', 'resume', 'overwrite', 'workers', 'log_step'}
+MISSING = '-'
+
+
+def read_json(path):
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise UserError(f'{path} is not valid JSON ({err}); rerun the evaluation that writes it') from err
+
+
+def read_run(folder):
+    """{'run', 'folder', 'options', 'epoch', 'wall_time_s', 'split', 'results'}, or None (with a
+    note on stderr) when the folder holds no results.json yet."""
+    if not os.path.isdir(folder):
+        raise UserError(f'{folder} is not a folder; pass run folders (the --logger_name of train.py)')
+    results_path, options_path = os.path.join(folder, RESULTS), os.path.join(folder, OPTIONS)
+    if not os.path.isfile(results_path):
+        print(f'note: skipping {folder}: no {RESULTS} (still training, or stopped before the test evaluation)',
+              file=sys.stderr)
+        return None
+    doc = read_json(results_path)
+    if not isinstance(doc, dict) or not isinstance(doc.get('results'), list) or not doc['results']:
+        raise UserError(f'{results_path} holds no "results" list; it is not a results.json of train.py')
+    options = read_json(options_path) if os.path.isfile(options_path) else {}
+    if not options:
+        print(f'note: {folder} has no {OPTIONS}; its options show as {MISSING}', file=sys.stderr)
+    return {'run': os.path.basename(os.path.normpath(folder)), 'folder': folder, 'options': options,
+            'epoch': doc.get('epoch'), 'wall_time_s': doc.get('wall_time_s'), 'split': doc.get('split'),
+            'results': doc['results']}
+
+
+def matches(options, where):
+    """--where key=value: the option equals value read as JSON (0.5, 100, [2], true) or as text."""
+    for key, raw in where:
+        if key not in options:
+            return False
+        try:
+            wanted = json.loads(raw)
+        except json.JSONDecodeError:
+            wanted = raw
+        if options[key] != wanted and str(options[key]) != raw:
+            return False
+    return True
+
+
+def differing_options(runs):
+    """Option names whose values are not the same in every run (missing counts as a value)."""
+    keys = sorted({k for r in runs for k in r['options']} - IGNORED_OPTIONS)
+    return [k for k in keys if len({json.dumps(r['options'].get(k, MISSING), sort_keys=True) for r in runs}) > 1]
+
+
+def metric(result, name):
+    if name == 'rsum':
+        return result['rsum']
+    direction, k = name.split('_')
+    return result[direction][k]
+
+
+def evaluation_label(run, result):
+    """'test 1K' for the whole split, 'testall 1K x5' for COCO's 5-fold mean."""
+    if result['name'] == '1k-mean':
+        return f"{run['split'] or ''} 1K x5".strip()
+    n = result.get('n_images')
+    size = f'{n / 1000:g}K' if n and n % 100 == 0 else f'{n} images' if n else ''
+    return f"{run['split'] or ''} {size}".strip()
+
+
+def sort_value(run, key):
+    """(missing?, value) of a run for --sort: a metric of its first evaluation, epoch, wall time or an option."""
+    if key in METRICS:
+        value = metric(run['results'][0], key)
+    elif key in ('epoch', 'wall_time_s', 'run'):
+        value = run[key]
+    else:
+        value = run['options'].get(key)
+    return value is None, value if isinstance(value, (int, float, str)) else json.dumps(value)
+
+
+def select(runs, where=(), name=None, sort='rsum', ascending=False):
+    runs = [r for r in runs if matches(r['options'], where) and (not name or name in r['run'])]
+    present = [r for r in runs if not sort_value(r, sort)[0]]
+    absent = [r for r in runs if sort_value(r, sort)[0]]  # runs lacking the key go last, in given order
+    try:
+        present.sort(key=lambda r: sort_value(r, sort)[1], reverse=not ascending)
+    except TypeError as err:
+        raise UserError(f'--sort {sort}: the runs hold values of different types ({err})') from err
+    return present + absent
+
+
+def fmt_option(value):
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def fmt_seconds(seconds):
+    if seconds is None:
+        return MISSING
+    s = int(round(seconds))
+    return f'{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}'
+
+
+COLUMNS = [('test', 'test'), ('epoch', 'best epoch'), ('i2t_r1', 'I2T R@1'), ('i2t_r5', 'I2T R@5'),
+           ('i2t_r10', 'I2T R@10'), ('t2i_r1', 'T2I R@1'), ('t2i_r5', 'T2I R@5'), ('t2i_r10', 'T2I R@10'),
+           ('rsum', 'rsum'), ('wall_time_s', 'wall time')]
+
+
+def rows(runs, options):
+    """One row (a dict) per shown evaluation of each run: run, its differing options, COLUMNS."""
+    table = []
+    for run in runs:
+        shown = [r for r in run['results'] if r.get('name') in SHOWN_RESULTS] or run['results'][:1]
+        for result in shown:
+            table.append({'run': run['run'], **{k: run['options'].get(k, MISSING) for k in options},
+                          'test': evaluation_label(run, result), 'epoch': run['epoch'],
+                          **{m: metric(result, m) for m in METRICS}, 'wall_time_s': run['wall_time_s']})
+    return table
+
+
+def markdown(table, options):
+    def cell(key, value):
+        if key in METRICS:
+            return f'{value:.1f}'
+        if key == 'wall_time_s':
+            return fmt_seconds(value)
+        return MISSING if value is None else fmt_option(value)
+    keys = ['run', *options, *(k for k, _ in COLUMNS)]
+    header = ['run', *options, *(title for _, title in COLUMNS)]
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for row in table:
+        lines.append('| ' + ' | '.join(str(cell(k, row[k])).replace('|', '\\|') for k in keys) + ' |')
+    return '\n'.join(lines)
+
+
+def csv_text(table, options):
+    keys = ['run', *options, *(k for k, _ in COLUMNS)]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator='\n')
+    writer.writerow(keys)
+    for row in table:  # full precision; options as JSON text (strings as they are), missing values empty
+        writer.writerow(['' if row[k] is None or row[k] is MISSING else row[k] if isinstance(row[k], (str, int, float))
+                         else json.dumps(row[k]) for k in keys])
+    return out.getvalue().rstrip('\n')
+
+
+def json_text(runs, options):
+    return json.dumps([{'run': r['run'], 'folder': r['folder'], 'options': {k: r['options'].get(k) for k in options},
+                        'split': r['split'], 'epoch': r['epoch'], 'wall_time_s': r['wall_time_s'],
+                        'results': r['results']} for r in runs], indent=2)
+
+
+def plot(runs, out, name='rsum'):
+    """Bars of one metric per run, one bar per evaluation (e.g. COCO 5K and 1K side by side)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import numpy as np
+    shown = [n for n in SHOWN_RESULTS if any(r.get('name') == n for run in runs for r in run['results'])]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.9 * len(runs) * len(shown)), 4))
+    width = 0.8 / len(shown)
+    x = np.arange(len(runs))
+    for j, which in enumerate(shown):
+        values = [next((metric(r, name) for r in run['results'] if r.get('name') == which), np.nan) for run in runs]
+        bars = ax.bar(x + (j - (len(shown) - 1) / 2) * width, values, width, label=BAR_LABELS[which], color=f'C{j}')
+        ax.bar_label(bars, fmt='%.1f', fontsize=8)
+    ax.set_xticks(x, [r['run'] for r in runs], rotation=20, ha='right')
+    ax.set(ylabel=name, title=f'{name} per run (test)')
+    ax.grid(axis='y', alpha=0.3)
+    ax.margins(y=0.2)  # room for the values and the legend above the bars
+    if len(shown) > 1:
+        ax.legend(ncol=2, loc='upper left')
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def parse_where(text):
+    key, sep, value = text.partition('=')
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f'{text!r} is not KEY=VALUE (e.g. dataset=coco, threshold=0.5)')
+    return key, value
+
+
+@exit_on_user_error
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('runs', nargs='+', help='run folders (the --logger_name of train.py)')
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument('--csv', action='store_true', help='CSV instead of Markdown (full precision, seconds)')
+    fmt.add_argument('--json', action='store_true', help='a JSON list, one object per run')
+    p.add_argument('--sort', default='rsum',
+                   help=f'sort by {", ".join(METRICS)} (of the first evaluation), epoch, wall_time_s, run '
+                        'or an option name (default rsum, largest first)')
+    p.add_argument('--ascending', action='store_true', help='smallest first')
+    p.add_argument('--where', action='append', type=parse_where, default=[], metavar='KEY=VALUE',
+                   help='keep runs whose option KEY equals VALUE (repeatable; all must hold)')
+    p.add_argument('--name', default=None, help='keep runs whose folder name contains this text')
+    p.add_argument('--plot', default=None, metavar='FILE', help='also write a bar chart of --metric per run')
+    p.add_argument('--metric', default='rsum', choices=METRICS, help='metric of the bar chart (default rsum)')
+    args = p.parse_args(argv)
+
+    runs = [r for r in map(read_run, args.runs) if r is not None]
+    for key, _ in args.where:
+        if runs and not any(key in r['options'] for r in runs):
+            raise UserError(f'--where {key}=...: no run has an option {key!r} in its {OPTIONS}; '
+                            'see `python train.py --help` for the option names')
+    if runs and args.sort not in METRICS + ['epoch', 'wall_time_s', 'run'] and not any(
+            args.sort in r['options'] for r in runs):
+        raise UserError(f'--sort {args.sort}: not a metric ({", ".join(METRICS)}), epoch, wall_time_s, run, '
+                        f'nor an option in any run\'s {OPTIONS}')
+    runs = select(runs, args.where, args.name, args.sort, args.ascending)
+    if not runs:
+        filtered = args.where or args.name
+        raise UserError('no run to show: ' + ('no run with results matches --where / --name' if filtered
+                                              else 'none of the folders holds a results.json'))
+    options = differing_options(runs)
+    if args.json:
+        print(json_text(runs, options))
+    else:
+        table = rows(runs, options)
+        print(csv_text(table, options) if args.csv else markdown(table, options))
+    if args.plot:
+        print(f'wrote {plot(runs, args.plot, args.metric)}', file=sys.stderr)
+    return runs
+
+
+if __name__ == '__main__':
+    main()
