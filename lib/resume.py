@@ -8,6 +8,7 @@
 """
 import itertools
 import logging
+import os
 import random
 import signal
 import threading
@@ -90,10 +91,17 @@ class StopSignals:
 
 
 def ignore_stop_signals(worker_id):
-    """DataLoader worker_init_fn: Ctrl-C and SLURM signal the whole process group, but stopping
-    is the main process's job; a worker that died of the signal would fail the step it finishes."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+    """DataLoader worker_init_fn: Ctrl-C and SLURM signal every process, but stopping is the main
+    process's job (a worker that died of the signal would fail the step being finished). A SIGTERM
+    from the worker's parent (the DataLoader's and multiprocessing's shutdown) still ends it."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # threads started later inherit the mask
+
+    def wait():
+        while signal.sigwaitinfo(STOP_SIGNALS).si_pid != parent:
+            pass
+        os._exit(128 + signal.SIGTERM)
+    threading.Thread(target=wait, daemon=True).start()
 
 
 class CheckpointSchedule:

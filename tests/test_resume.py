@@ -10,6 +10,8 @@ import multiprocessing
 import os
 import random
 import signal
+import subprocess
+import time
 
 import pytest
 import torch
@@ -222,7 +224,14 @@ def sigterm_self():
 
 
 def sigterm_group():
-    os.killpg(0, signal.SIGTERM)  # SLURM and Ctrl-C signal every process, DataLoader workers included
+    # SLURM and Ctrl-C signal every process, DataLoader workers included; from another process
+    subprocess.run(['kill', '-TERM', '--', f'-{os.getpgid(0)}'], check=True, start_new_session=True)
+
+
+def next_second():
+    """TensorBoard orders a folder's event files by the second they were created in, then by the
+    writer's pid; a resumed run starts seconds after the kill, one started at once must wait."""
+    time.sleep(1.01 - time.time() % 1)
 
 
 def resume_argv(folder, *extra):
@@ -241,6 +250,7 @@ def test_sigkill_inside_an_epoch_then_resume_equals_the_straight_run(straight, w
     taken = (call - 1) // 2 * 2  # the last checkpoint, every 2 steps, before the killed step call - 1
     assert killed_at['iteration'] == taken, (call, killed_at['iteration'])
     assert (killed_at['epoch'], killed_at['position']['batches']) == divmod(taken, STEPS_PER_EPOCH)
+    next_second()
     train.main(resume_argv(run, '--workers', workers))
     assert_same_run(root / 'a', run, f'killed at forward call {call}, workers {workers}')
 
@@ -258,6 +268,7 @@ def test_sigterm_to_the_process_group_stops_after_the_step_then_resume_equals_th
     assert 'stopped by SIGTERM at step 8 (epoch 1, batch 3 of 5)' in log
     assert f'--resume {run / "checkpoint_last.pth"}' in log
     assert torch.load(run / 'model_best.pth', weights_only=True)['iteration'] == STEPS_PER_EPOCH
+    next_second()
     train.main(resume_argv(run))
     assert_same_run(root / 'a', run, 'SIGTERM at step 7')
 
@@ -335,7 +346,8 @@ def test_a_second_signal_stops_at_once_and_handlers_are_restored(straight, monke
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-def test_dataloader_workers_leave_stop_signals_to_the_main_process(straight, monkeypatch, tokenizer):
+def test_dataloader_workers_leave_stop_signals_to_the_main_process_but_end_on_its_own(straight, monkeypatch,
+                                                                                     tokenizer):
     root, bert = straight
     # a worker started by any method (fork inherits the main process's handlers, spawn does not)
     monkeypatch.setattr(TrainDataset, '__getitem__', in_worker_only(lambda: os.kill(os.getpid(), signal.SIGTERM)))
@@ -343,6 +355,22 @@ def test_dataloader_workers_leave_stop_signals_to_the_main_process(straight, mon
     loader, _, _ = train.make_loader(PrecompSplit(str(root), 'tiny', 'train', tokenizer), args,
                                      DistEnv(0, 1, 0, torch.device('cpu')))
     assert sorted(i for batch in loader for i in batch['caption_ids'].tolist()) == list(range(20))
+    # a worker left running (an iterator alive at exit) still ends on its parent's SIGTERM, which is
+    # how multiprocessing ends daemonic children at exit and DataLoader ends stuck workers
+    ready = multiprocessing.get_context('fork').Event()
+    worker = multiprocessing.get_context('fork').Process(target=_idle_worker, args=(ready,), daemon=True)
+    worker.start()
+    assert ready.wait(timeout=60), 'the worker survived its own SIGTERM'
+    worker.terminate()
+    worker.join(timeout=60)
+    assert worker.exitcode == 128 + signal.SIGTERM
+
+
+def _idle_worker(ready):
+    lib.resume.ignore_stop_signals(0)
+    os.kill(os.getpid(), signal.SIGTERM)  # not from the parent: ignored
+    ready.set()
+    time.sleep(60)
 
 
 def test_a_repeated_signal_within_the_window_is_the_same_request():
@@ -399,6 +427,7 @@ def test_two_gloo_processes_killed_or_stopped_inside_an_epoch_then_resumed(strai
     assert (stopped['iteration'], stopped['position']['batches'], stopped['position']['world_size']) == (8, 3, 2)
     assert len(stopped['position']['rng']) == 2
     assert not torch.equal(stopped['position']['rng'][0]['torch'], stopped['position']['rng'][1]['torch'])
+    next_second()
     codes = two_ranks([(free_port(), resume_argv(root / 'db'), None, None),
                        (free_port(), resume_argv(root / 'dc'), None, None)])
     assert codes == [0, 0]
