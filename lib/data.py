@@ -1,6 +1,7 @@
 """The SCAN "precomp" layout: reading, validating, tokenising, augmenting and batching.
 
-<data_path>/<dataset>_precomp/<split>_ims.npy   float (N_images, R, D), memory-mapped
+<data_path>/<dataset>_precomp/<split>_ims.npy   float (N_images, R, D), memory-mapped; float16 files
+                                                (tools/convert_features.py) are read as float32
 <data_path>/<dataset>_precomp/<split>_caps.txt  one caption per line; caption i belongs to image
                                                 i // 5 (five per image) or i (one per image)
 """
@@ -199,10 +200,16 @@ class TrainDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.size_augment = size_augment
         self.text_augment = text_augment
-        self.epoch = 0
+        # in shared memory: persistent DataLoader workers keep their copy of the dataset across
+        # epochs, and must see the epoch that set_epoch gives in the main process
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self):
+        return int(self._epoch)
 
     def set_epoch(self, epoch):
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self):
         return len(self.split.tokens)
