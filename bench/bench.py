@@ -1,8 +1,9 @@
 """Benchmarks: a training step, the relation module beside a per-caption loop reference,
-COCO-5K evaluation beside a per-row argsort loop, and the resident memory of a short training
-run on a memory-mapped feature file. Prints one JSON document.
+COCO-5K evaluation beside a per-row argsort loop, the resident memory of a short training
+run on a memory-mapped feature file, and the training step with --compile beside eager.
+Prints one JSON document.
 
-    python bench/bench.py --parts relation step eval memmap --text minilm
+    python bench/bench.py --parts relation step eval memmap compile --text minilm
 
 Every part runs in a fresh subprocess, so that its peak memory is its own: CUDA max allocated
 on a GPU, the peak resident set size (ru_maxrss) on CPU. Times are medians over --repeat runs
