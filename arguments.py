@@ -148,6 +148,10 @@ def add_runtime_args(parser):
     g.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'],
                    help='autocast precision for the encoders; losses and ranking stay in fp32')
     g.add_argument('--seed', type=int, default=0, help='seed of every random choice (a CPU run repeats exactly)')
+    g.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=False,
+                   help='CUDA only: fp32 matrix products in TF32 (faster on Ampere+, results change slightly)')
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
+                   help='torch.compile the image and text encoders (needs a C++ compiler on CPU, Triton on CUDA)')
     return g
 
 

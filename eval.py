@@ -18,6 +18,7 @@ from lib.distributed import pick_device
 from lib.errors import UserError, exit_on_user_error
 from lib.evaluation import check_fold5, evaluate_sims, format_result, load_sims, save_sims, split_sims
 from lib.inference import load_for_inference
+from lib.precision import set_tf32
 
 
 def get_parser():
@@ -35,11 +36,13 @@ def get_parser():
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when present)')
     p.add_argument('--batch_size', type=int, default=128, help='encoding batch size')
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
+    p.add_argument('--tf32', action='store_true', help='CUDA only: fp32 matrix products in TF32 (see README)')
     return p
 
 
 def checkpoint_sims(opts):
     device = pick_device(opts.device)
+    set_tf32(device, opts.tf32)
     all_sims, splits = [], {}
     for path in opts.checkpoint:
         model, args, tokenizer = load_for_inference(path, device, opts.bert_path)

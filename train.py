@@ -17,6 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 import arguments
 from lib import checkpoint as ckpt_lib
 from lib import run_folder
+from lib.compile import check_compile, compile_encoders
 from lib.data import PrecompSplit, TrainDataset, check_feature_sizes, collate
 from lib.demo_data import ensure_demo
 from lib.distributed import all_gather_objects, all_max, barrier, cleanup, init_distributed, wrap_ddp
@@ -24,7 +25,7 @@ from lib.engine import TrainState, train_one_epoch, unwrap, validate
 from lib.errors import UserError, exit_on_user_error
 from lib.evaluation import evaluate_sims, format_result, save_sims
 from lib.model import HREM, build_optimizer
-from lib.precision import check_precision, grad_scaler
+from lib.precision import check_precision, grad_scaler, set_tf32
 from lib.resume import (CheckpointSchedule, OffsetSampler, StopSignals, ignore_stop_signals,
                         rng_state)
 from lib.text_model import load_text_backbone, load_tokenizer
@@ -33,7 +34,8 @@ logger = logging.getLogger('hrem')
 
 # Options a resumed run may change; everything else is taken from the checkpoint.
 RESUME_OVERRIDES = ('device', 'workers', 'resume', 'max_steps', 'num_epochs', 'log_step', 'eval_batch_size',
-                    'data_path', 'bert_path', 'max_nonfinite', 'checkpoint_every', 'checkpoint_minutes')
+                    'data_path', 'bert_path', 'max_nonfinite', 'checkpoint_every', 'checkpoint_minutes', 'compile',
+                    'tf32')
 
 
 def seed_all(seed):
@@ -72,6 +74,7 @@ def resolve_args(argv):
 
 def check_args(args, env):
     check_precision(env.device, args.precision)
+    set_tf32(env.device, args.tf32)  # refused on CPU; on CUDA it covers validation and testing too
     if args.batch_size < 2:
         raise UserError(f'--batch_size {args.batch_size}: a batch needs at least 2 pairs to have negatives')
     if args.batch_size % env.world_size:
@@ -87,6 +90,8 @@ def check_args(args, env):
     if not args.dataset or os.path.basename(args.dataset) != args.dataset or args.dataset in ('.', '..'):
         raise UserError(f'--dataset {args.dataset!r} must be a plain name (its files are read from '
                         '<data_path>/<dataset>_precomp/); give the folder above it with --data_path')
+    if args.compile:
+        check_compile(env.device)  # last: it takes seconds
 
 
 def make_loader(split, args, env):
@@ -101,6 +106,9 @@ def make_loader(split, args, env):
     loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
                         collate_fn=collate, drop_last=True, pin_memory=env.device.type == 'cuda',
                         worker_init_fn=ignore_stop_signals)
+    # not persistent_workers: a persistent iterator skips the per-epoch draw of the workers' base
+    # seed from the torch RNG, so a resumed run would no longer repeat a straight one bit for bit;
+    # starting the workers again costs seconds per epoch
     return loader, dataset, sampler
 
 
@@ -211,6 +219,8 @@ def main(argv=None):
         for key, saved, now in ckpt_lib.option_differences(init, args):
             logger.warning(f'{source} was trained with --{key} {saved}; this run uses {now}')
     model.to(env.device)
+    if args.compile:
+        compile_encoders(model)
     optimizer, scheduler = build_optimizer(model, args)
     scaler = grad_scaler(env.device, args.precision)
     state = TrainState()

@@ -1,8 +1,9 @@
 """Benchmarks: a training step, the relation module beside a per-caption loop reference,
 COCO-5K evaluation beside a per-row argsort loop, the resident memory of a short training
-run on a memory-mapped feature file, and one mid-epoch checkpoint save. Prints one JSON document.
+run on a memory-mapped feature file, the training step with --compile beside eager, and one
+mid-epoch checkpoint save. Prints one JSON document.
 
-    python bench/bench.py --parts relation step eval memmap --text minilm
+    python bench/bench.py --parts relation step eval memmap compile --text minilm
 
 Every part runs in a fresh subprocess, so that its peak memory is its own: CUDA max allocated
 on a GPU, the peak resident set size (ru_maxrss) on CPU. Times are medians over --repeat runs
@@ -155,15 +156,17 @@ def measure_relation(o, device):
             'max_abs_diff': max(float((x - y).abs().max()) for x, y in zip(a, b))}
 
 
-def build_model(o, device):
+def build_model(o, device, dropout=0.1):
     import arguments
     from transformers import BertConfig, BertModel
     from lib.model import HREM, build_optimizer
     hidden, layers, heads, inter = TEXT_MODELS[o.text]
     bert = BertModel(BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,
-                                num_attention_heads=heads, intermediate_size=inter))
+                                num_attention_heads=heads, intermediate_size=inter,
+                                hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout))
     args = arguments.parse_train_args(['--dataset', 'coco', '--embed_size', str(o.embed_size), '--warmup', '0',
-                                       '--batch_size', str(o.batch_size), '--precision', o.precision])
+                                       '--batch_size', str(o.batch_size), '--precision', o.precision,
+                                       '--dropout', str(dropout)])
     model = HREM(args, o.img_dim, bert).to(device)
     return model, args, build_optimizer(model, args)[0]
 
@@ -178,19 +181,15 @@ def random_batch(o, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def measure_step(o, device):
-    """One optimizer step after --warmup (the relation module runs): forward, backward, update,
-    with our relation module and with the loop reference."""
+def training_step(model, args, optimizer, batch, device, precision):
+    """A function running one training step (as lib.engine.train_one_epoch does); it returns the loss."""
     from lib.precision import autocast, grad_scaler
-    model, args, optimizer = build_model(o, device)
-    scaler = grad_scaler(device, o.precision)
-    b = o.batch_size
-    batch = random_batch(o, device)
+    scaler = grad_scaler(device, precision)
     params = [p for group in optimizer.param_groups for p in group['params']]
     model.train()
 
     def step():
-        with autocast(device, o.precision):
+        with autocast(device, precision):
             out = model(batch, step=1)
         scaler.scale(out.loss).backward()
         scaler.unscale_(optimizer)
@@ -198,10 +197,50 @@ def measure_step(o, device):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        return out.loss.detach()
+    return step
 
+
+def measure_step(o, device):
+    """One optimizer step after --warmup (the relation module runs): forward, backward, update,
+    with our relation module and with the loop reference."""
+    model, args, optimizer = build_model(o, device)
+    step = training_step(model, args, optimizer, random_batch(o, device), device, o.precision)
     medians, times = timed({variant: with_scores(variant, step) for variant in SCORES}, device, o.repeat)
+    b = o.batch_size
     return {'step_s': medians, 'times': times, 'samples_per_s': {k: b / v for k, v in medians.items()},
-            'ours_over_loop': medians['ours'] / medians['loop'], 'text_model': o.text}
+            'ours_over_loop': medians['ours'] / medians['loop'], 'text_model': o.text,
+            'precision': o.precision}
+
+
+def measure_compile(o, device):
+    """The training step with the encoders compiled (--compile) beside the same step in eager
+    mode: two copies of one model, stepped alternately. Dropout is 0, so that the first step of
+    both copies (same weights, same batch, same random seed) must give the same loss."""
+    import copy
+    from lib.compile import check_compile, compile_encoders
+    check_compile(device)
+    eager, args, eager_opt = build_model(o, device, dropout=0.0)
+    compiled = copy.deepcopy(eager)
+    compile_encoders(compiled)
+    from lib.model import build_optimizer
+    compiled_opt = build_optimizer(compiled, args)[0]
+    batch = random_batch(o, device)
+    steps = {'eager': training_step(eager, args, eager_opt, batch, device, o.precision),
+             'compiled': training_step(compiled, args, compiled_opt, batch, device, o.precision)}
+    first = {}
+    for name, step in steps.items():  # the first step: the compiled one includes compilation
+        torch.manual_seed(0)  # the trip loss samples negatives
+        sync(device)
+        tick = time.perf_counter()
+        first[name] = (float(step()), time.perf_counter() - tick)
+    medians, times = timed(steps, device, o.repeat)
+    return {'step_s': medians, 'times': times, 'compiled_over_eager': medians['compiled'] / medians['eager'],
+            'first_step_s': {k: v[1] for k, v in first.items()},
+            'compile_s': first['compiled'][1] - medians['compiled'],
+            'first_loss': {k: v[0] for k, v in first.items()},
+            'loss_abs_diff': abs(first['compiled'][0] - first['eager'][0]), 'text_model': o.text,
+            'sizes': {k: getattr(o, k) for k in ('batch_size', 'embed_size', 'regions', 'tokens', 'img_dim')}}
 
 
 def measure_eval(o, device):
@@ -314,7 +353,7 @@ def measure_checkpoint(o, device):
 
 
 PARTS = {'relation': measure_relation, 'step': measure_step, 'eval': measure_eval, 'memmap': measure_memmap,
-         'checkpoint': measure_checkpoint}
+         'compile': measure_compile, 'checkpoint': measure_checkpoint}
 
 
 def child(o):

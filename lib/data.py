@@ -1,6 +1,7 @@
 """The SCAN "precomp" layout: reading, validating, tokenising, augmenting and batching.
 
-<data_path>/<dataset>_precomp/<split>_ims.npy   float (N_images, R, D), memory-mapped
+<data_path>/<dataset>_precomp/<split>_ims.npy   float (N_images, R, D), memory-mapped; float16 files
+                                                (tools/convert_features.py) are read as float32
 <data_path>/<dataset>_precomp/<split>_caps.txt  one caption per line; caption i belongs to image
                                                 i // 5 (five per image) or i (one per image)
 """

@@ -32,3 +32,16 @@ def autocast(device, precision):
 def grad_scaler(device, precision):
     check_precision(device, precision)
     return torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
+
+
+def set_tf32(device, enabled):
+    """--tf32: fp32 matrix products on CUDA tensor cores with TF32 inputs (10-bit mantissa).
+
+    Faster on Ampere and later GPUs, but results change slightly, hence off by default. It is a
+    process-wide switch, so evaluation encodes under it too. CPUs have no TF32.
+    """
+    if not enabled:
+        return
+    if device.type != 'cuda':
+        raise UserError('--tf32 is a CUDA matrix-product mode; drop it on CPU (fp32 products stay exact fp32)')
+    torch.backends.cuda.matmul.fp32_precision = 'tf32'
