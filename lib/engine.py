@@ -4,12 +4,12 @@ import math
 import time
 
 import torch
-from tqdm import tqdm
 
 from lib.distributed import all_finite
 from lib.errors import UserError
 from lib.evaluation import RECALL_AT, evaluate_sims, format_result, split_sims
 from lib.precision import autocast
+from lib.progress import progress
 from lib.resume import set_rng_state
 
 logger = logging.getLogger('hrem')
@@ -52,8 +52,8 @@ def train_one_epoch(model, loader, optimizer, scaler, state, args, env, writer=N
     batches = iter(loader)  # draws the workers' base seed from the torch RNG, as at every epoch's start
     if rng is not None:
         set_rng_state(rng, env.device)
-    bar = tqdm(batches, desc=f'epoch {state.epoch}', total=n_batches, initial=state.position,
-               disable=not env.is_main, dynamic_ncols=True, leave=False)
+    # off where stderr is no terminal (train.log has the log lines) and on ranks other than 0
+    bar = progress(batches, enabled=env.is_main, desc=f'epoch {state.epoch}', total=n_batches, initial=state.position)
     tick = time.perf_counter()
     for batch in bar:
         state.position += 1
