@@ -89,10 +89,9 @@ class HREM(nn.Module):
             if self.relations_active(step):
                 nodes = None if img_raw is None else (img_raw.float(), cap_raw.float())
                 img_hat, cap_hat, reg = self.relation(img, cap, regions.float(), words.float(), word_lengths, nodes)
-                gnn = self.gnn_loss(img_hat, cap_hat, img_ids, max_violation)
-                if self.cross_loss:
-                    gnn = (self.gnn_loss(img, cap_hat, img_ids, max_violation)
-                           + self.gnn_loss(img_hat, cap, img_ids, max_violation) + gnn)
+                # in the authors' order: the trip loss draws its negatives from the random stream
+                pairs = [(img, cap_hat), (img_hat, cap)] if self.cross_loss else []
+                gnn = sum(self.gnn_loss(v, t, img_ids, max_violation) for v, t in pairs + [(img_hat, cap_hat)])
                 loss = loss + gnn + self.reg_loss_weight * reg
                 parts.update(gnn=gnn.detach(), reg=reg.detach())
         parts['total'] = loss.detach()

@@ -170,3 +170,21 @@ def test_ablated_runs_train_save_and_evaluate(ablated_runs):
         assert os.path.isfile(folder / 'results.json')
         saved = json.load(open(folder / 'results.json'))['results'][0]
         assert results[0]['rsum'] == pytest.approx(saved['rsum'], abs=1e-6)
+
+
+def test_trip_losses_draw_their_negatives_in_the_authors_order():
+    """The trip loss samples negatives from the random stream, so the order of the four terms
+    decides the numbers: l(v, t), then l(v, t^), l(v^, t), l(v^, t^) as in the authors' GraphLoss."""
+    model, batch, _ = model_and_embeddings('--base_loss', 'trip', '--gnn_loss', 'trip')
+    ids, lengths = batch['img_ids'], batch['token_lengths']
+    torch.manual_seed(5)
+    got = model(batch, step=5).loss
+    torch.manual_seed(5)
+    img_raw, regions = model.img_enc(batch['regions'], batch['region_lengths'])
+    cap_raw, words = model.txt_enc(batch['tokens'], lengths)
+    img, cap = F.normalize(img_raw, dim=-1, eps=0), F.normalize(cap_raw, dim=-1, eps=0)
+    loss = model.gnn_loss
+    base = model.base_loss(img, cap, ids)
+    img_hat, cap_hat, reg = model.relation(img, cap, regions, words, lengths)
+    first, second, third = loss(img, cap_hat, ids), loss(img_hat, cap, ids), loss(img_hat, cap_hat, ids)
+    assert got.item() == pytest.approx((base + (first + second + third) + 7 * reg).item(), rel=1e-6)
