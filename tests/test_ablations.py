@@ -156,7 +156,7 @@ def ablated_runs(tmp_path_factory):
     runs = {}
     for name, options in (('no_relations', ['--instance_relation', '0']),
                           ('maxk_only', ['--fragment_transformer', 'none', '--relevance_relation', '0'])):
-        train.main(train_argv(root, bert, name, '--warmup', '2', '--max_steps', '4', *options))
+        train.main(train_argv(root, bert, name, '--warmup', '2', *options))
         runs[name] = root / name
     return runs
 

@@ -31,7 +31,7 @@ def coco_run(tmp_path_factory):
     run = root / 'run'
     train.main(['--data_path', str(root), '--dataset', 'coco', '--bert_path', bert, '--embed_size', '32',
                 '--nhead', '4', '--batch_size', '8', '--workers', '0', '--device', 'cpu', '--num_epochs', '1',
-                '--warmup', '0', '--max_steps', '1', '--eval_batch_size', '1000', '--logger_name', str(run)])
+                '--warmup', '0', '--eval_batch_size', '1000', '--logger_name', str(run)])
     return run
 
 
