@@ -113,17 +113,23 @@ def _layout_hint(folder):
     return f': {mistake[0]}; fix: {mistake[1]}' if mistake else ''
 
 
+def npy_header(f):
+    """(shape, dtype) from the header of an open .npy file; leaves f at the first data byte."""
+    version = np.lib.format.read_magic(f)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read_header is None:
+        raise ValueError(f'unsupported .npy version {version}')
+    shape, _, dtype = read_header(f)
+    return shape, dtype
+
+
 def read_npy_header(path):
     """(shape, dtype) of a .npy file, read from its header alone;
     raises UserError for a file that is not a .npy array or holds fewer bytes than its header says."""
     try:
         with open(path, 'rb') as f:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
-                raise ValueError(f'unsupported .npy version {version}')
-            shape, _, dtype = read_header(f)
+            shape, dtype = npy_header(f)
             offset = f.tell()
     except (ValueError, OSError, EOFError) as err:
         raise UserError(f'{path} is not a readable .npy array ({err}); re-create or re-download it') from err

@@ -13,7 +13,7 @@ import pickle
 import numpy as np
 import torch
 
-from lib.data import pad_batch
+from lib.data import npy_header, pad_batch
 from lib.errors import UserError
 from lib.precision import autocast
 from lib.progress import progress
@@ -176,12 +176,7 @@ def load_sims(path):
     anything but numbers and numeric arrays. Plain .npy float matrices are accepted too."""
     try:
         with open(path, 'rb') as f:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
-                raise ValueError(f'unsupported .npy version {version}')
-            shape, _, dtype = read_header(f)
+            _, dtype = npy_header(f)
             if dtype.hasobject:
                 obj = _ResultsUnpickler(f).load()
             else:
