@@ -1,8 +1,8 @@
 """Rewrite a precomp dataset's region features in another floating type (float16 by default).
 
-    python tools/convert_features.py --data_path data --dataset coco --out data16
+    python tools/convert_features.py --data_path data --dataset coco --out data/fp16
 
-writes data16/coco_precomp/ with every split's <split>_ims.npy in --dtype and the folder's
+writes data/fp16/coco_precomp/ with every split's <split>_ims.npy in --dtype and the folder's
 text files (captions, image lists) copied. float16 halves the bytes read per training step and
 the page cache a dataset needs (COCO's 33 GB train_ims.npy becomes 16.5 GB); train.py and eval.py
 read float16 and float32 files alike and compute in float32. float16 keeps 11 significant bits
