@@ -131,3 +131,15 @@ def test_bar_chart(runs, tmp_path):
     results_table.main(folders(runs) + ['--plot', str(out)])
     image = cv2.imread(str(out))
     assert image is not None and image.std() > 10
+
+
+def test_an_option_added_after_a_run_takes_its_default(runs, capsys):
+    """A run made before an option existed ran with the behaviour that option's default keeps:
+    it is not a difference (here: 'a' lacks --cross_loss, 'b' has the default 1 written out)."""
+    (runs / 'b' / 'options.json').write_text(json.dumps({**OPTIONS['b'], 'cross_loss': 1}))
+    results_table.main(folders(runs, 'ab') + ['--json'])
+    assert {k for d in json.loads(capsys.readouterr().out) for k in d['options']} == {'threshold'}
+    (runs / 'b' / 'options.json').write_text(json.dumps({**OPTIONS['b'], 'cross_loss': 0}))
+    results_table.main(folders(runs, 'ab') + ['--json'])
+    doc = json.loads(capsys.readouterr().out)
+    assert [d['options'] for d in doc] == [{'threshold': 0.3, 'cross_loss': 0}, {'threshold': 0.5, 'cross_loss': 1}]

@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import arguments  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
 from lib.run_folder import OPTIONS, RESULTS  # noqa: E402
 
@@ -56,6 +57,8 @@ def read_run(folder):
     options = read_json(options_path) if os.path.isfile(options_path) else {}
     if not options:
         print(f'note: {folder} has no {OPTIONS}; its options show as {MISSING}', file=sys.stderr)
+    else:  # an option added after the run was made has, as its default, the behaviour the run had
+        options = {**vars(arguments.get_train_parser().parse_args([])), **options}
     return {'run': os.path.basename(os.path.normpath(folder)), 'folder': folder, 'options': options,
             'epoch': doc.get('epoch'), 'wall_time_s': doc.get('wall_time_s'), 'split': doc.get('split'),
             'results': doc['results']}
@@ -76,7 +79,8 @@ def matches(options, where):
 
 
 def differing_options(runs):
-    """Option names whose values are not the same in every run (missing counts as a value)."""
+    """Option names whose values are not the same in every run (a run without options.json shows
+    MISSING)."""
     keys = sorted({k for r in runs for k in r['options']} - IGNORED_OPTIONS)
     return [k for k in keys if len({json.dumps(r['options'].get(k, MISSING), sort_keys=True) for r in runs}) > 1]
 
