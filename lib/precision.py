@@ -44,4 +44,8 @@ def set_tf32(device, enabled):
         return
     if device.type != 'cuda':
         raise UserError('--tf32 is a CUDA matrix-product mode; drop it on CPU (fp32 products stay exact fp32)')
-    torch.backends.cuda.matmul.fp32_precision = 'tf32'
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, 'fp32_precision'):  # torch >= 2.9
+        matmul.fp32_precision = 'tf32'
+    else:
+        matmul.allow_tf32 = True
