@@ -147,9 +147,9 @@ def load_images(path):
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         raise UserError(f'data folder {folder} does not exist{_layout_hint(folder)}; check --data_path and '
-                        '--dataset (the features are read from <data_path>/<dataset>_precomp/, see README "Data")')
+                        '--dataset (the features are read from <data_path>/<dataset>_precomp/, see docs/data.md)')
     if not os.path.isfile(path):
-        raise UserError(f'missing feature file {path}{_layout_hint(folder)}; see README "Data" for the precomp '
+        raise UserError(f'missing feature file {path}{_layout_hint(folder)}; see docs/data.md for the precomp '
                         'layout (or check --data_path / --dataset)')
     read_npy_header(path)
     try:
@@ -168,7 +168,7 @@ def load_images(path):
 def read_caption_lines(path):
     """Every line of a caption file, stripped (also of Windows line ends), blank ones included."""
     if not os.path.isfile(path):
-        raise UserError(f'missing caption file {path}; see README "Data" for the precomp layout')
+        raise UserError(f'missing caption file {path}; see docs/data.md for the precomp layout')
     try:
         with open(path, encoding='utf-8') as f:
             return [line.rstrip('\n').strip() for line in f]

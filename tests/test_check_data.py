@@ -302,6 +302,6 @@ def test_no_dataset_and_a_hub_name(tmp_path):
     report = check_data.check(str(tmp_path / 'absent'), bert_path='bert-base-uncased')
     assert not report.ready and not report.datasets
     assert lines(report) == [f'--data_path {tmp_path / "absent"} does not exist; fix: unpack the precomp archives '
-                             'there (see README "Data")']
+                             'there (see docs/data.md)']
     (warning,) = lines(report, check_data.WARNING)
     assert 'bert-base-uncased is not a folder: train.py will ask the model hub for it' in warning

@@ -147,7 +147,7 @@ def compare_with_standard(report, standard):
         if info.images is not None and info.images != n_images:
             report.findings.append(Finding(
                 f'{info.ims_path} has {info.images} images; the standard {report.name} {name} split has {n_images}',
-                'a partial or different copy: download and unpack it again (see README "Data")'))
+                'a partial or different copy: download and unpack it again (see docs/data.md)'))
         elif info.captions is not None and info.captions != STANDARD_PER_IMAGE * n_images:
             report.findings.append(Finding(
                 f'{info.caps_path} has {info.captions} captions; the standard {report.name} {name} split has '
@@ -164,7 +164,7 @@ def check_dataset(data_path, dataset, full=False, standard=None):
     names = splits_in(report.folder)
     if not names:
         report.findings.append(Finding(f'{report.folder} holds no split files (<split>_ims.npy, <split>_caps.txt)',
-                                       'unpack the precomp archive so that its files sit there (see README "Data")'))
+                                       'unpack the precomp archive so that its files sit there (see docs/data.md)'))
         return report
     expected = list(standard or ())
     for name in expected + sorted(names - set(expected)):
@@ -296,7 +296,7 @@ def check(data_path, dataset=None, bert_path=None, full=False, standard_sizes=No
         missing = [Finding(shallow[0], f"{shallow[1]} (NAME: f30k, coco or your dataset's name)") if shallow else
                    Finding(f'no <dataset>_precomp folder in {data_path}' if os.path.isdir(data_path) else
                            f'--data_path {data_path} does not exist',
-                           'unpack the precomp archives there (see README "Data")')]
+                           'unpack the precomp archives there (see docs/data.md)')]
     return Report(data_path, reports, bert_path, check_bert(bert_path), missing)
 
 
@@ -338,10 +338,10 @@ def print_report(report):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=arguments.HelpFormatter)
     p.add_argument('--data_path', default='data/', help='folder that holds <dataset>_precomp/')
-    p.add_argument('--dataset', default=None, help='f30k, coco or NAME (default: every <NAME>_precomp found)')
-    p.add_argument('--bert_path', default=None, help="text model folder (default: train.py's default)")
+    p.add_argument('--dataset', default=None, help='f30k, coco or NAME; when not given: every <NAME>_precomp found')
+    p.add_argument('--bert_path', default=None, help="text model folder; when not given: train.py's default for the dataset")
     p.add_argument('--full', action='store_true', help='also scan every feature file for NaN/inf (reads it all)')
     p.add_argument('--json', action='store_true', help='print the report as JSON instead of the table')
     return p.parse_args(argv)
