@@ -5,7 +5,8 @@
 The batch is B images of a split (default: the checkpoint's dataset, its test split, B = its
 --batch_size), each with one of its captions, so that caption j describes image j. The figure
 shows the connection (who attends to whom) and the relevance (how strongly) of the four blocks of
-the 2B x 2B graph, image-image, image-text, text-image and text-text (rows are the queries), as
+the 2B x 2B graph, image-image, image-text, text-image and text-text (rows are the queries; the two
+intra-modal blocks share one colour scale, the two cross-modal blocks another), as
 model.relation.relations computes them in training; and, for a few images, the captions and
 images they are most relevant to among their connections (thumbnails with --image_dir, the
 split's images as search.py takes them).
@@ -106,16 +107,25 @@ def short(text, width=90):
     return textwrap.shorten(text, width, placeholder=' ...')
 
 
+def relevance_scales(graph):
+    """{(rows, cols): (vmin, vmax)}: blocks that are compared share a colour scale. The intra-modal
+    blocks are exp(-distance), in (0, 1]; the two cross-modal ones are unbounded MLP scores, drawn
+    on the range of both."""
+    cross = np.concatenate([block(graph['relevance'], 0, 1).ravel(), block(graph['relevance'], 1, 0).ravel()])
+    return {(0, 0): (0.0, 1.0), (1, 1): (0.0, 1.0),
+            (0, 1): (float(cross.min()), float(cross.max())), (1, 0): (float(cross.min()), float(cross.max()))}
+
+
 def draw_heatmaps(fig, grid, graph):
-    """Row 0: connection of each block; row 1: its relevance (own colour scale: the intra-modal
-    blocks are exp(-distance) in (0, 1], the cross-modal ones unbounded MLP scores)."""
+    """Row 0: connection of each block; row 1: its relevance (see relevance_scales)."""
+    scales = relevance_scales(graph)
     for col, (name, rows, cols) in enumerate(BLOCKS):
         for row, (key, cmap) in enumerate((('connect', 'Greys'), ('relevance', 'viridis'))):
             ax = fig.add_subplot(grid[row, col])
             ax.set_label(f'{key}/{name}')  # tests find each heatmap by this label
             data = block(graph[key], rows, cols)
-            im = ax.imshow(data, cmap=cmap, interpolation='nearest',
-                           **({'vmin': 0, 'vmax': 1} if key == 'connect' else {}))
+            vmin, vmax = (0, 1) if key == 'connect' else scales[rows, cols]
+            im = ax.imshow(data, cmap=cmap, interpolation='nearest', vmin=vmin, vmax=vmax)
             if key == 'relevance':
                 fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
             else:
