@@ -79,6 +79,12 @@ def test_heatmaps_show_the_module_s_matrices(trained, tmp_path):
     assert image is not None and image.std() > 10
 
 
+def test_default_output_is_next_to_the_checkpoint(trained):
+    _, _, ckpt, _ = trained
+    plot_relations.main(['--checkpoint', ckpt, '--batch_size', '4', '--examples', '0'])
+    assert cv2.imread(os.path.join(os.path.dirname(ckpt), 'relations.png')) is not None
+
+
 def test_pick_batch_consecutive_and_seeded(trained):
     root, bert, _, _ = trained
     split = plot_relations.PrecompSplit(str(root), 'tiny', 'test', load_tokenizer(bert))
