@@ -42,7 +42,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     ' (default: X)' exactly once, unless the default is None, False, empty or suppressed."""
 
     def _get_help_string(self, action):
-        # BooleanOptionalAction (Python < 3.14) appends its own default; keep only ours
+        # BooleanOptionalAction of Python 3.9/3.10 appends its own default to the help; keep only ours
         text = (action.help or '').replace(' (default: %(default)s)', '')
         default = action.default
         if action.required or default is None or default is False or default == [] \

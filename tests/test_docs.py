@@ -276,7 +276,8 @@ def test_the_formatter_appends_the_default_exactly_once():
     p.add_argument('--a', type=int, default=3, help='an a')
     p.add_argument('--b', default=None, help='a b; when not given: the checkpoint\'s')
     p.add_argument('--c', action=argparse.BooleanOptionalAction, default=False, help='a c')
-    p.add_argument('--d', action=argparse.BooleanOptionalAction, default=True, help='a d')
+    p.add_argument('--d', action=argparse.BooleanOptionalAction, default=True,
+                   help='a d').help += ' (default: %(default)s)'  # as BooleanOptionalAction writes it on 3.9/3.10
     p.add_argument('--e', nargs='+', type=int, default=[15, 25], help='an e of 20%% more')
     p.add_argument('--f', action='store_true', help='an f')
     p.add_argument('--g', required=True, help='a g')
