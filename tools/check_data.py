@@ -291,7 +291,7 @@ def check(data_path, dataset=None, bert_path=None, full=False, standard_sizes=No
     datasets = [dataset] if dataset else find_datasets(data_path)
     reports = [check_dataset(data_path, d, full, standard_sizes.get(d)) for d in datasets]
     if bert_path is None:
-        bert_path = arguments.get_train_parser().get_default('bert_path')
+        bert_path = arguments.get_train_parser(dataset).get_default('bert_path')
     missing = []
     if not reports:
         shallow = layout_mistake(data_path, 'NAME')  # split files in data_path itself
