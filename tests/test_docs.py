@@ -139,6 +139,19 @@ def test_every_option_in_a_command_exists_in_its_script(page):
     assert not unknown, f'{rel(page)}: ' + '; '.join(unknown)
 
 
+EXTERNAL = ('torchrun', 'tensorboard', 'huggingface-cli')  # spans that are another program's command line
+
+
+@pytest.mark.parametrize('page', PAGES, ids=rel)
+def test_every_option_named_in_the_text_exists(page):
+    """`--name` in prose and tables (outside commands) is an option of some script of the project."""
+    known = set().union(*map(options_of, SCRIPTS))
+    unknown = [o for span in INLINE.findall(FENCE.sub('', read(page)))
+               if not COMMAND.search(span) and not span.startswith(EXTERNAL)
+               for o in OPTION.findall(span) if o not in known]
+    assert not unknown, f'{rel(page)}: no script has ' + ', '.join(unknown)
+
+
 def test_the_command_check_sees_an_unknown_option():
     found = list(commands('```bash\npython train.py --dataset coco --batch_sise 8   # a typo\n'
                           'torchrun --nproc_per_node 2 train.py --devise cpu\n```\n'
