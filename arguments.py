@@ -1,19 +1,28 @@
 """Every option of training and evaluation, in one place, with the authors' defaults.
 
 `python train.py` with no arguments selects the built-in demo (`--dataset demo`), whose profile
-changes a handful of defaults so that it trains in minutes on a laptop CPU (see PROFILES).
-Options given on the command line always win over a profile.
+changes a handful of defaults so that it trains in minutes on a laptop CPU; `--dataset f30k` and
+`--dataset coco` select the authors' settings for those datasets (see PROFILES). Options given on
+the command line always win over a profile, and `train.py [--dataset NAME] --help` shows the
+defaults of that dataset's profile.
+
+Help convention, for every parser of the project (train.py, eval.py, search.py, tools/*.py,
+bench/bench.py): build it with `formatter_class=arguments.HelpFormatter`, give every option a help
+string, and never write '(default: ...)' into a help string: HelpFormatter appends
+' (default: X)' once, from the option's real default, and leaves it out where the default is None,
+False, empty or suppressed. An option whose default is None says in its help what happens when it
+is not given ('...; when not given: the checkpoint's').
 """
 import argparse
 import os
 
 from lib.text_model import DEMO_TEXT_MODEL
 
-# Per-dataset defaults that differ from the authors' global defaults.
-# f30k/coco: the authors' code switches the triplet cut-off on the dataset name.
+# Per-dataset defaults over the global ones below. f30k/coco: the authors' training commands
+# (batch size, mask weight) and the triplet cut-off their code switches on the dataset name.
 PROFILES = {
-    'f30k': {'trip_cutoff': 1.7},
-    'coco': {'trip_cutoff': 1.9},
+    'f30k': {'trip_cutoff': 1.7, 'batch_size': 128, 'mask_weight': 1.0},
+    'coco': {'trip_cutoff': 1.9, 'batch_size': 256, 'mask_weight': 1.5},
     'demo': {
         'trip_cutoff': 1.7,
         'bert_path': DEMO_TEXT_MODEL,
@@ -26,6 +35,22 @@ PROFILES = {
         'log_step': 20,
     },
 }
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Description kept as written (examples stay on their lines); every option's help ends with
+    ' (default: X)' exactly once, unless the default is None, False, empty or suppressed."""
+
+    def _get_help_string(self, action):
+        # BooleanOptionalAction of Python 3.9/3.10 appends its own default to the help; keep only ours
+        text = (action.help or '').replace(' (default: %(default)s)', '')
+        default = action.default
+        if action.required or default is None or default is False or default == [] \
+                or default is argparse.SUPPRESS:
+            return text
+        if isinstance(default, (list, tuple)):
+            default = ' '.join(map(str, default))
+        return f'{text} (default: {str(default).replace("%", "%%")})'
 
 
 def bounded_float(low, high, low_open=True):
@@ -50,7 +75,8 @@ def add_data_args(parser):
     g = parser.add_argument_group('data')
     g.add_argument('--data_path', default='data/', help='folder that holds <dataset>_precomp/')
     g.add_argument('--dataset', default='demo',
-                   help='f30k, coco, demo (built-in synthetic set) or any <name> with data/<name>_precomp')
+                   help='f30k, coco, demo (built-in synthetic set) or any <name> with data/<name>_precomp; '
+                        'f30k, coco and demo select a profile of defaults (docs/training.md)')
     g.add_argument('--bert_path', default='data/bert-base-uncased',
                    help='text model: a local folder (config.json, vocab.txt, weights) or a hub name')
     g.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
@@ -115,8 +141,8 @@ def add_loss_args(parser):
     g.add_argument('--margin', type=float, default=0.2,
                    help="hinge margin of both losses (the authors' trip loss always uses 0.2)")
     g.add_argument('--trip_cutoff', type=float, default=1.7,
-                   help='distance-weighted sampling ignores negatives at distance >= cutoff '
-                        '(1.7 Flickr30K, 1.9 COCO)')
+                   help='distance-weighted sampling ignores negatives at distance >= cutoff; the authors '
+                        'use 1.7 on Flickr30K, 1.9 on COCO (the f30k and coco profiles)')
     g.add_argument('--vse_mean_warmup_epochs', type=int, default=1,
                    help='vse loss sums over all negatives for these epochs, then takes the hardest')
     g.add_argument('--max_violation', action='store_true',
@@ -126,10 +152,10 @@ def add_loss_args(parser):
 
 def add_optim_args(parser):
     g = parser.add_argument_group('optimisation')
-    g.add_argument('--num_epochs', type=positive_int, default=30)
+    g.add_argument('--num_epochs', type=positive_int, default=30, help='epochs to train')
     g.add_argument('--batch_size', type=int, default=128, help='global batch size (pairs per step)')
-    g.add_argument('--learning_rate', type=float, default=5e-4)
-    g.add_argument('--weight_decay', type=float, default=1e-4)
+    g.add_argument('--learning_rate', type=float, default=5e-4, help='AdamW learning rate')
+    g.add_argument('--weight_decay', type=float, default=1e-4, help='AdamW weight decay')
     g.add_argument('--bert_lr_factor', type=float, default=0.1, help='lr factor of the BERT backbone')
     g.add_argument('--grad_clip', type=float, default=2.0, help='gradient-norm clip (0 disables)')
     g.add_argument('--lr_schedules', type=int, nargs='+', default=[15, 25], help='epochs where lr decays')
@@ -144,7 +170,7 @@ def add_optim_args(parser):
 
 def add_runtime_args(parser):
     g = parser.add_argument_group('runtime')
-    g.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when present)')
+    g.add_argument('--device', default=None, help='cuda, cuda:N or cpu; when not given: cuda when present, else cpu')
     g.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'],
                    help='autocast precision for the encoders; losses and ranking stay in fp32')
     g.add_argument('--seed', type=int, default=0, help='seed of every random choice (a CPU run repeats exactly)')
@@ -155,8 +181,20 @@ def add_runtime_args(parser):
     return g
 
 
-def get_train_parser():
-    parser = argparse.ArgumentParser(description='Train HREM.', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+TRAIN_EXAMPLES = """Train HREM. The defaults shown are those of the dataset given (the demo when none).
+
+  python train.py                                          # the built-in demo, minutes on a CPU
+  python train.py --dataset f30k --data_path data/         # the authors' Flickr30K command
+  python train.py --dataset coco --data_path data/         # the authors' COCO command
+  python train.py --resume runs/coco/checkpoint_last.pth   # continue a run
+  torchrun --nproc_per_node 4 train.py --dataset coco --data_path data/
+"""
+
+
+def get_train_parser(profile=None, add_help=True):
+    """The training options with the global defaults, or with those of PROFILES[profile]."""
+    parser = argparse.ArgumentParser(description=TRAIN_EXAMPLES, formatter_class=HelpFormatter,
+                                     add_help=add_help)
     add_data_args(parser)
     add_model_args(parser)
     add_relation_args(parser)
@@ -165,12 +203,12 @@ def get_train_parser():
     add_optim_args(parser)
     add_runtime_args(parser)
     g = parser.add_argument_group('run')
-    g.add_argument('--logger_name', default=None, help='run folder (default: runs/<dataset>)')
+    g.add_argument('--logger_name', default=None, help='run folder; when not given: runs/<dataset>')
     g.add_argument('--log_step', type=int, default=200, help='steps between lines of the text log')
     g.add_argument('--val_split', default='dev',
                    help="split for model selection (dev: its first 5000 captions); the authors select on "
                         "'test' (Flickr30K) or 'testall' (COCO)")
-    g.add_argument('--resume', default=None, help='checkpoint_last.pth of a run to continue exactly')
+    g.add_argument('--resume', default=None, help='checkpoint_last.pth of a run to continue exactly (see docs/training.md)')
     g.add_argument('--checkpoint_every', type=int, default=0,
                    help='also write checkpoint_last.pth every N optimizer steps inside an epoch (0: off)')
     g.add_argument('--checkpoint_minutes', type=float, default=30,
@@ -181,15 +219,19 @@ def get_train_parser():
                         'relation module, optimizer and schedule start fresh')
     g.add_argument('--overwrite', action='store_true', help='reuse a run folder that holds another run')
     g.add_argument('--eval_batch_size', type=int, default=128, help='batch size of encoding at evaluation')
+    parser.set_defaults(**PROFILES.get(profile, {}))
     return parser
+
+
+def dataset_of(argv=None):
+    """The --dataset an argument list selects, read before --help so that help shows its profile."""
+    known, _ = get_train_parser(add_help=False).parse_known_args(argv)
+    return known.dataset
 
 
 def parse_train_args(argv=None):
     """Parse with the dataset's profile applied to the defaults."""
-    parser = get_train_parser()
-    known, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**PROFILES.get(known.dataset, {}))
-    args = parser.parse_args(argv)
+    args = get_train_parser(dataset_of(argv)).parse_args(argv)
     if args.logger_name is None:
         args.logger_name = os.path.join('runs', args.dataset)
     return args

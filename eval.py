@@ -22,21 +22,22 @@ from lib.precision import set_tf32
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=arguments.HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument('--checkpoint', nargs='+', help='one or more .pth (several: similarities averaged)')
     src.add_argument('--sims', nargs='+', help="saved similarity files (the authors' results_*.npy format)")
-    p.add_argument('--data_path', help='default: what the (first) checkpoint was trained with')
-    p.add_argument('--dataset', help='default: from the checkpoint')
-    p.add_argument('--split', help='default: test (testall for coco)')
-    p.add_argument('--bert_path', help="text model folder for config and vocabulary (default: the checkpoint's)")
+    p.add_argument('--data_path', help='folder that holds <dataset>_precomp/; when not given: the (first) checkpoint\'s')
+    p.add_argument('--dataset', help="dataset name; when not given: the checkpoint's")
+    p.add_argument('--split', help='split to evaluate; when not given: test (testall for coco)')
+    p.add_argument('--bert_path', help="text model folder for config and vocabulary; when not given: the checkpoint's")
     p.add_argument('--fold5', action='store_true', help='COCO 1K: also the five 1000-image folds and their mean')
-    p.add_argument('--save_sims', help="write the (averaged) similarities in the authors' results format")
-    p.add_argument('--json', help='write the results as JSON')
-    p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when present)')
+    p.add_argument('--save_sims', help="write the (averaged) similarities to this file, in the authors' results format")
+    p.add_argument('--json', help='write the results as JSON to this file')
+    p.add_argument('--device', default=None, help='cuda, cuda:N or cpu; when not given: cuda when present, else cpu')
     p.add_argument('--batch_size', type=int, default=128, help='encoding batch size')
-    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
-    p.add_argument('--tf32', action='store_true', help='CUDA only: fp32 matrix products in TF32 (see README)')
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'],
+                   help='autocast precision of the encoders; ranking stays in fp32')
+    p.add_argument('--tf32', action='store_true', help='CUDA only: fp32 matrix products in TF32 (docs/precision_and_speed.md)')
     return p
 
 

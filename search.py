@@ -207,22 +207,23 @@ def write_sheet(path, sheet):
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=arguments.HelpFormatter)
     p.add_argument('--checkpoint', required=True, help='model_best.pth of a run (ours or the authors\')')
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument('--query', help='text to search the gallery images with')
     what.add_argument('--image', type=int, help='index of a gallery image to search the captions with')
-    p.add_argument('--k', type=int, default=5, help='results to show (default 5)')
-    p.add_argument('--data_path', default=None, help="default: the checkpoint's")
-    p.add_argument('--dataset', default=None, help="default: the checkpoint's")
-    p.add_argument('--split', default=None, help="default: the dataset's test split (COCO: testall)")
-    p.add_argument('--bert_path', default=None, help="text model folder; default: the checkpoint's")
-    p.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when present)')
-    p.add_argument('--batch_size', type=int, default=128, help='batch size of encoding the gallery (default 128)')
+    p.add_argument('--k', type=int, default=5, help='results to show')
+    p.add_argument('--data_path', default=None, help="folder that holds <dataset>_precomp/; when not given: the checkpoint's")
+    p.add_argument('--dataset', default=None, help="dataset of the gallery; when not given: the checkpoint's")
+    p.add_argument('--split', default=None, help="split of the gallery; when not given: the dataset's test split (COCO: testall)")
+    p.add_argument('--bert_path', default=None, help="text model folder; when not given: the checkpoint's")
+    p.add_argument('--device', default=None, help='cuda, cuda:N or cpu; when not given: cuda when present, else cpu')
+    p.add_argument('--batch_size', type=int, default=128, help='batch size of encoding the gallery')
     p.add_argument('--json', action='store_true', help='print the results as one JSON document')
     p.add_argument('--image_dir', default=None, help='the split\'s images: also write a contact sheet')
-    p.add_argument('--sheet', default='contact_sheet.png', help='contact sheet file (default contact_sheet.png)')
-    p.add_argument('--thumb', type=int, default=160, help='thumbnail size of the contact sheet in pixels (default 160)')
+    p.add_argument('--sheet', default=None,
+                   help='contact sheet file; when not given: contact_sheet.png next to the checkpoint')
+    p.add_argument('--thumb', type=int, default=160, help='thumbnail size of the contact sheet in pixels')
     args = p.parse_args(argv)
     if args.k < 1 or args.thumb < 16 or args.batch_size < 1:
         p.error('--k and --batch_size must be >= 1, --thumb >= 16')
@@ -270,7 +271,7 @@ def main(argv=None):
 
     sheet_path = None
     if files:
-        sheet_path = opts.sheet
+        sheet_path = opts.sheet or os.path.join(os.path.dirname(opts.checkpoint), 'contact_sheet.png')
         write_sheet(sheet_path, contact_sheet(header, cells, opts.thumb))
         info(f'contact sheet: {sheet_path}')
 

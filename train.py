@@ -1,4 +1,4 @@
-"""Train HREM. `python train.py` trains the built-in demo; see README for Flickr30K and COCO.
+"""Train HREM. `python train.py` trains the built-in demo; see docs/training.md for Flickr30K and COCO.
 
 Single process (CPU or one GPU) or `torchrun --nproc_per_node N train.py ...`.
 """

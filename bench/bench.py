@@ -368,27 +368,29 @@ def child(o):
 
 def parse(argv=None):
     from lib.text_model import DEMO_TEXT_MODEL
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--parts', nargs='+', default=['relation', 'step', 'eval'], choices=list(PARTS))
-    p.add_argument('--batch_size', type=int, default=128)
-    p.add_argument('--embed_size', type=int, default=1024)
-    p.add_argument('--nhead', type=int, default=16)
-    p.add_argument('--regions', type=int, default=36)
-    p.add_argument('--tokens', type=int, default=32)
-    p.add_argument('--img_dim', type=int, default=2048)
+    import arguments
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=arguments.HelpFormatter)
+    p.add_argument('--parts', nargs='+', default=['relation', 'step', 'eval'], choices=list(PARTS),
+                   help='what to measure')
+    p.add_argument('--batch_size', type=int, default=128, help='pairs per training step')
+    p.add_argument('--embed_size', type=int, default=1024, help='joint embedding size E')
+    p.add_argument('--nhead', type=int, default=16, help='attention heads')
+    p.add_argument('--regions', type=int, default=36, help='regions per image')
+    p.add_argument('--tokens', type=int, default=32, help='longest caption in tokens (lengths drawn from 8 on)')
+    p.add_argument('--img_dim', type=int, default=2048, help='region feature size')
     p.add_argument('--text', default='bert-base', choices=list(TEXT_MODELS),
                    help='text model sizes for the step (random weights)')
-    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--repeat', type=int, default=3)
+    p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'], help='autocast precision of the step')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda, cuda:N or cpu')
+    p.add_argument('--repeat', type=int, default=3, help='timed repetitions (the median is reported)')
     p.add_argument('--threads', type=int, default=0, help='CPU threads of torch (0: its default)')
-    p.add_argument('--eval_images', type=int, default=5000, help='5000: COCO 5K with the five 1K folds')
+    p.add_argument('--eval_images', type=int, default=5000, help='images of the ranked matrix (5000: COCO 5K with the five 1K folds)')
     p.add_argument('--memmap_gb', type=float, default=2.5, help='size of the feature file of the memmap part')
     p.add_argument('--memmap_dir', default=tempfile.gettempdir(), help='where that file is written (and deleted)')
     p.add_argument('--memmap_bert', default=DEMO_TEXT_MODEL, help='text model folder for the memmap training run')
     p.add_argument('--save_dir', default=tempfile.gettempdir(),
                    help='where the checkpoint part writes (and deletes) its file: the disk of your runs')
-    p.add_argument('--out', default=None, help='also write the JSON here')
+    p.add_argument('--out', default=None, help='also write the JSON to this file')
     p.add_argument('--part', help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

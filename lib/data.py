@@ -8,6 +8,7 @@
 import mmap
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,15 +29,27 @@ PRECOMP_SUFFIX = '_precomp'
 SEARCH_DEPTH = 3  # folder levels below --data_path searched for misplaced split files
 # folder names that say which dataset a misplaced folder holds
 DATASET_ALIASES = {'f30k': ('f30k', 'flickr'), 'coco': ('coco',)}
+# Feature types that training, evaluation and tools/check_data.py accept: every image is read as
+# float32, so float64 works (at twice the disk and page cache; the checker warns) and float16 halves them.
+FEATURE_DTYPES = ('float16', 'float32', 'float64')
+
+
+class LayoutMistake(NamedTuple):
+    what: str
+    fix: str
+    folder: str  # where the split files lie instead
 
 
 def precomp_folder(data_path, dataset):
     return os.path.join(data_path, f'{dataset}{PRECOMP_SUFFIX}')
 
 
-def split_files(data_path, dataset, split):
-    folder = precomp_folder(data_path, dataset)
+def split_paths(folder, split):
     return os.path.join(folder, f'{split}_ims.npy'), os.path.join(folder, f'{split}_caps.txt')
+
+
+def split_files(data_path, dataset, split):
+    return split_paths(precomp_folder(data_path, dataset), split)
 
 
 def _split_names(file_names):
@@ -63,7 +76,7 @@ def _folders_with_splits(data_path):
 
 
 def layout_mistake(data_path, dataset, unnamed=True):
-    """(what is wrong, the fix) when the split files of a dataset are not in
+    """LayoutMistake(what is wrong, the fix, the folder) when the split files of a dataset are not in
     <data_path>/<dataset>_precomp/ but where a usual unpacking mistake put them; else None.
     unnamed: also consider split files in a folder whose name does not say which dataset they are."""
     data_path = os.path.normpath(data_path)
@@ -72,8 +85,8 @@ def layout_mistake(data_path, dataset, unnamed=True):
     if splits_in(expected):
         return None
     if os.path.basename(data_path) == name and splits_in(data_path):
-        return (f'--data_path {data_path} is the {name} folder itself',
-                f'pass --data_path {os.path.dirname(data_path) or "."} (the folder above it)')
+        return LayoutMistake(f'--data_path {data_path} is the {name} folder itself',
+                             f'pass --data_path {os.path.dirname(data_path) or "."} (the folder above it)', data_path)
     aliases = DATASET_ALIASES.get(dataset, (dataset.lower(),))
 
     def another_dataset(folder_name):  # '<name>_precomp' of a dataset whose name is not this one's
@@ -89,8 +102,9 @@ def layout_mistake(data_path, dataset, unnamed=True):
     else:
         return None
     if found == data_path:
-        return (f'the split files lie directly in {data_path}: one folder level too shallow',
-                f'mkdir {expected} && mv {data_path}/*_ims.npy {data_path}/*_caps.txt {expected}/')
+        return LayoutMistake(f'the split files lie directly in {data_path}: one folder level too shallow',
+                             f'mkdir {expected} && mv {data_path}/*_ims.npy {data_path}/*_caps.txt {expected}/',
+                             found)
     move = f'mv {found}/* {expected}/' if os.path.isdir(expected) else f'mv {found} {expected}'
     inside = found.startswith(expected + os.sep)
     levels = os.path.relpath(found, expected if inside else data_path).count(os.sep) + inside
@@ -98,10 +112,12 @@ def layout_mistake(data_path, dataset, unnamed=True):
         fix = move + (' and delete the emptied folder' if inside else '')
         if os.path.basename(found) == name:
             fix += f', or pass --data_path {os.path.dirname(found)}'
-        return f'the split files lie in {found}: {levels} folder level{"s" * (levels > 1)} too deep', fix
+        return LayoutMistake(f'the split files lie in {found}: {levels} folder level{"s" * (levels > 1)} too deep',
+                             fix, found)
     if os.path.dirname(found) == data_path:
-        return f'the {dataset} split files lie in {found}: the folder is misnamed', f'{move} (it must be named {name})'
-    return f'the {dataset} split files lie in {found}, not in {expected}', move
+        return LayoutMistake(f'the {dataset} split files lie in {found}: the folder is misnamed',
+                             f'{move} (it must be named {name})', found)
+    return LayoutMistake(f'the {dataset} split files lie in {found}, not in {expected}', move, found)
 
 
 def _layout_hint(folder):
@@ -110,7 +126,7 @@ def _layout_hint(folder):
     if not base.endswith(PRECOMP_SUFFIX):
         return ''
     mistake = layout_mistake(os.path.dirname(folder) or '.', base[:-len(PRECOMP_SUFFIX)])
-    return f': {mistake[0]}; fix: {mistake[1]}' if mistake else ''
+    return f': {mistake.what}; fix: {mistake.fix}' if mistake else ''
 
 
 def npy_header(f):
@@ -147,9 +163,9 @@ def load_images(path):
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         raise UserError(f'data folder {folder} does not exist{_layout_hint(folder)}; check --data_path and '
-                        '--dataset (the features are read from <data_path>/<dataset>_precomp/, see README "Data")')
+                        '--dataset (the features are read from <data_path>/<dataset>_precomp/, see docs/data.md)')
     if not os.path.isfile(path):
-        raise UserError(f'missing feature file {path}{_layout_hint(folder)}; see README "Data" for the precomp '
+        raise UserError(f'missing feature file {path}{_layout_hint(folder)}; see docs/data.md for the precomp '
                         'layout (or check --data_path / --dataset)')
     read_npy_header(path)
     try:
@@ -158,8 +174,9 @@ def load_images(path):
         raise UserError(f'{path} is not a readable .npy array ({err}); re-create or re-download it') from err
     if images.ndim != 3:
         raise UserError(f'{path} has shape {images.shape}; expected (n_images, n_regions, feature_size)')
-    if not np.issubdtype(images.dtype, np.floating):
-        raise UserError(f'{path} holds {images.dtype} values; region features must be floating point')
+    if images.dtype.name not in FEATURE_DTYPES:
+        raise UserError(f'{path} holds {images.dtype} values; region features must be '
+                        f'{", ".join(FEATURE_DTYPES[:-1])} or {FEATURE_DTYPES[-1]}')
     if images.shape[0] == 0 or images.shape[1] == 0:
         raise UserError(f'{path} has shape {images.shape}: no images or no regions')
     return images
@@ -168,7 +185,7 @@ def load_images(path):
 def read_caption_lines(path):
     """Every line of a caption file, stripped (also of Windows line ends), blank ones included."""
     if not os.path.isfile(path):
-        raise UserError(f'missing caption file {path}; see README "Data" for the precomp layout')
+        raise UserError(f'missing caption file {path}; see docs/data.md for the precomp layout')
     try:
         with open(path, encoding='utf-8') as f:
             return [line.rstrip('\n').strip() for line in f]
@@ -225,8 +242,9 @@ def captions_per_image(n_images, n_captions, caps_path, ims_path):
         return 5
     if n_captions == n_images:
         return 1
-    raise UserError(f'{caps_path} has {n_captions} captions for {n_images} images in {ims_path}; '
-                    'the caption count must equal the image count or be five times it')
+    raise UserError(f'{caps_path}: {5 * n_images} = 5 x {n_images} images expected (five captions per image of '
+                    f'{ims_path}, or {n_images}, one each), {n_captions} found; take the caption file from the '
+                    'same archive as the features (caption i describes image i // 5)')
 
 
 @dataclass

@@ -60,7 +60,7 @@ def check_location(bert_path, weights=False):
                         'e.g. a copy of bert-base-uncased, or pass --bert_path with a folder that does')
     if _looks_like_path(bert_path):
         raise UserError(f'text model folder {bert_path} does not exist; download bert-base-uncased '
-                        'into it (see README, "Data") or pass --bert_path')
+                        'into it (see docs/data.md) or pass --bert_path')
 
 
 def _hub_error(bert_path, err):

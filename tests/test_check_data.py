@@ -56,7 +56,8 @@ def shell(command):
 # ----------------------------------------------------------------------------- ready layouts
 
 @pytest.mark.parametrize('dataset', ['f30k', 'coco'])
-def test_correct_layout_is_ready_with_its_sizes(tmp_path, dataset):
+def test_correct_layout_is_ready_with_its_sizes(tmp_path, dataset, monkeypatch):
+    monkeypatch.setattr(check_data, 'PAGE_CACHE_ADVICE_BYTES', 0)  # advice is for large files only
     make_layout(tmp_path, dataset)
     report = run(tmp_path, dataset)
     assert report.ready and not report.findings
@@ -92,12 +93,19 @@ def test_main_prints_table_and_verdict_and_exits_0_when_ready(tmp_path, capsys, 
     assert [s['images'] for s in doc['datasets'][0]['splits']] == [7, 4, 2, 4]
 
 
-def test_float16_features_are_valid(tmp_path):
+def test_float16_features_are_valid(tmp_path, monkeypatch):
     folder = make_layout(tmp_path, 'f30k')
     np.save(os.path.join(folder, 'train_ims.npy'), np.ones((6, 4, 8), np.float16))
     report = run(tmp_path)
     assert report.ready and report.datasets[0].splits[0].dtype == 'float16'
+    monkeypatch.setattr(check_data, 'PAGE_CACHE_ADVICE_BYTES', 0)  # advice is for large files only
     assert 'the features are float16 already' in '\n'.join(check_data.run_needs(report.datasets[0]))
+
+
+def test_tiny_files_get_no_page_cache_advice(tmp_path):
+    make_layout(tmp_path, 'f30k')
+    needs = check_data.run_needs(run(tmp_path).datasets[0])
+    assert needs and not any('page cache' in line for line in needs)
 
 
 # ----------------------------------------------------------------------------- standard sizes
@@ -110,7 +118,8 @@ def test_partial_missing_and_wrongly_captioned_splits_against_standard_sizes(tmp
     assert len(problems) == 3, problems
     assert f'{folder}/train_ims.npy has 5 images; the standard f30k train split has 6' in problems[0]
     assert 'download and unpack it again' in problems[0]
-    assert f'{folder}/dev_caps.txt has 3 captions; the standard f30k dev split has 15' in problems[1]
+    assert f'{folder}/dev_caps.txt: 15 = 5 x 3 images expected for the standard f30k dev split, 3 found' in problems[1]
+    assert 'fix: take the caption file from the same archive as the features' in problems[1]
     assert f'{folder} has no test split (2 images expected)' in problems[2]
     assert 'unpack test_ims.npy and test_caps.txt' in problems[2]
     with pytest.raises(SystemExit) as code:
@@ -142,6 +151,22 @@ def test_one_folder_level_too_deep(tmp_path):
                  f'fix: mv {inner}/* {outer}/ and delete the emptied folder', f'or pass --data_path {outer}')
     shell(f'mv {inner}/* {outer}/ && rmdir {inner}')
     assert run(tmp_path).ready
+
+
+def test_files_a_level_too_deep_are_checked_there_too(tmp_path):
+    inner = make_layout(tmp_path / 'f30k_precomp', 'f30k')
+    write_precomp(tmp_path / 'f30k_precomp', 'f30k', 'dev', 3, captions(3)[:-1])  # 14 captions for 3 images
+    problems = lines(run(tmp_path))
+    assert len(problems) == 2, problems
+    assert 'folder level too deep' in problems[0]
+    assert f'{inner}/dev_caps.txt: 15 = 5 x 3 images expected' in problems[1] and '14 found' in problems[1]
+
+
+def test_a_caption_count_problem_says_what_was_expected_and_found(tmp_path):
+    folder = make_layout(tmp_path, 'toy', {'train': 10, 'dev': 2, 'test': 2})
+    write_precomp(tmp_path, 'toy', 'train', 10, captions(10)[:-1])
+    only_problem(run(tmp_path, 'toy'), f'{folder}/train_caps.txt: 50 = 5 x 10 images expected',
+                 'or 10, one each), 49 found', 'take the caption file from the same archive as the features')
 
 
 def test_the_loader_of_train_and_eval_names_the_layout_mistake_too(tmp_path):
@@ -187,12 +212,28 @@ def test_another_datasets_folder_is_not_taken_for_a_misnamed_one(tmp_path, other
     only_problem(run(tmp_path, 'toy'), f'{tmp_path / "toy_precomp"} holds no split files')
 
 
-def test_float64_features_and_the_conversion_fix(tmp_path):
+def test_float64_features_are_a_warning_with_the_conversion_fix(tmp_path):
     folder = make_layout(tmp_path, 'f30k')
     np.save(os.path.join(folder, 'dev_ims.npy'), np.ones((3, 4, 8), np.float64))
-    problem = only_problem(run(tmp_path), f'{folder}/dev_ims.npy holds float64 features')
-    assert f'tools/convert_features.py --data_path {tmp_path} --dataset f30k' in problem.fix
-    assert '--dtype float32' in problem.fix and '--dtype float16' in problem.fix
+    report = run(tmp_path)
+    assert report.ready  # training reads them (see the next test)
+    (warning,) = [f for f in report.findings if f.severity == check_data.WARNING]
+    assert warning.what.startswith(f'{folder}/dev_ims.npy holds float64 features')
+    assert f'tools/convert_features.py --data_path {tmp_path} --dataset f30k' in warning.fix
+    assert '--dtype float32' in warning.fix and '--dtype float16' in warning.fix
+
+
+@pytest.mark.parametrize('dtype', ['float16', 'float32', 'float64', 'longdouble', 'int32', 'uint8'])
+def test_the_checker_accepts_exactly_the_feature_types_training_reads(tmp_path, tokenizer, dtype):
+    folder = make_layout(tmp_path, 'f30k')
+    np.save(os.path.join(folder, 'dev_ims.npy'), np.ones((3, 4, 8), dtype))
+    try:
+        np.asarray(PrecompSplit(str(tmp_path), 'f30k', 'dev', tokenizer).images[0], np.float32)
+        trains = True
+    except UserError as err:
+        assert 'region features must be float16, float32 or float64' in str(err)
+        trains = False
+    assert run(tmp_path).ready == trains == (np.dtype(dtype).name in ('float16', 'float32', 'float64'))
 
 
 def test_windows_line_ends_are_a_warning_with_its_fix(tmp_path):
@@ -302,6 +343,6 @@ def test_no_dataset_and_a_hub_name(tmp_path):
     report = check_data.check(str(tmp_path / 'absent'), bert_path='bert-base-uncased')
     assert not report.ready and not report.datasets
     assert lines(report) == [f'--data_path {tmp_path / "absent"} does not exist; fix: unpack the precomp archives '
-                             'there (see README "Data")']
+                             'there (see docs/data.md)']
     (warning,) = lines(report, check_data.WARNING)
     assert 'bert-base-uncased is not a folder: train.py will ask the model hub for it' in warning

@@ -134,8 +134,8 @@ def test_missing_split_file(data, bert, capsys):
 def test_caption_count_neither_equal_nor_five_times(data, bert, capsys):
     write_split(data, 'dev', 4, captions=['a red dog'] * 7)
     code, err = run_main(train.main, train_argv(data, bert), capsys)
-    assert_user_error(code, err, f'{precomp(data, "dev_caps.txt")} has 7 captions for 4 images',
-                      'must equal the image count or be five times it')
+    assert_user_error(code, err, f'{precomp(data, "dev_caps.txt")}: 20 = 5 x 4 images expected',
+                      'or 4, one each), 7 found', 'take the caption file from the same archive as the features')
 
 
 @pytest.mark.parametrize('blank', ['', '   \t '])
@@ -150,7 +150,7 @@ def test_empty_or_whitespace_caption_line(data, bert, capsys, blank):
 
 @pytest.mark.parametrize('images, expected', [
     (np.zeros((4, DIM), np.float32), 'has shape (4, 16); expected (n_images, n_regions, feature_size)'),
-    (np.zeros((4, 4, DIM), np.int64), 'holds int64 values; region features must be floating point'),
+    (np.zeros((4, 4, DIM), np.int64), 'holds int64 values; region features must be float16, float32 or float64'),
 ])
 def test_feature_array_not_3d_or_not_float(data, bert, capsys, images, expected):
     write_split(data, 'dev', 4, images=images)

@@ -54,6 +54,12 @@ def test_png_of_two_runs(tmp_path):
     assert image.std() > 10  # something is drawn
 
 
+def test_default_output_is_inside_the_first_run_folder(tmp_path):
+    write_run(tmp_path / 'a', {s: 5.0 - 0.1 * s for s in range(20)}, {})
+    plot_curves.main([str(tmp_path / 'a')])
+    assert cv2.imread(str(tmp_path / 'a' / 'curves.png')) is not None
+
+
 def test_folder_without_events_is_a_user_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         plot_curves.main([str(tmp_path), '--out', str(tmp_path / 'x.png')])

@@ -67,10 +67,22 @@ def test_heatmaps_show_the_module_s_matrices(trained, tmp_path):
     for name, (rows, cols) in blocks.items():
         np.testing.assert_array_equal(shown[f'connect/{name}'], connect[rows, cols])
         np.testing.assert_allclose(shown[f'relevance/{name}'], relevance[rows, cols], rtol=1e-5, atol=1e-6)
+    # blocks that are compared share a colour scale: intra-modal (0, 1], cross-modal the range of both
+    clim = {ax.get_label(): ax.images[0].get_clim() for ax in fig.axes if ax.images}
+    assert clim['relevance/image-image'] == clim['relevance/text-text'] == (0, 1)
+    cross = np.concatenate([relevance[:b, b:].ravel(), relevance[b:, :b].ravel()])
+    np.testing.assert_allclose(clim['relevance/image-text'], (cross.min(), cross.max()), rtol=1e-5)
+    assert clim['relevance/image-text'] == clim['relevance/text-image']
     # the threshold keeps int(4 * 0.5) = 2 connections per row in every block
     assert (connect.reshape(2, b, 2, b).sum(3) >= 2).all()
     image = cv2.imread(str(out))
     assert image is not None and image.std() > 10
+
+
+def test_default_output_is_next_to_the_checkpoint(trained):
+    _, _, ckpt, _ = trained
+    plot_relations.main(['--checkpoint', ckpt, '--batch_size', '4', '--examples', '0'])
+    assert cv2.imread(os.path.join(os.path.dirname(ckpt), 'relations.png')) is not None
 
 
 def test_pick_batch_consecutive_and_seeded(trained):

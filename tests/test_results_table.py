@@ -133,6 +133,11 @@ def test_bar_chart(runs, tmp_path):
     assert image is not None and image.std() > 10
 
 
+def test_bar_chart_without_a_file_goes_to_the_folder_of_the_runs(runs):
+    results_table.main(folders(runs) + ['--plot'])
+    assert cv2.imread(str(runs / 'results.png')) is not None
+
+
 def test_an_option_added_after_a_run_takes_its_default(runs, capsys):
     """A run made before an option existed ran with the behaviour that option's default keeps:
     it is not a difference (here: 'a' lacks --cross_loss, 'b' has the default 1 written out)."""

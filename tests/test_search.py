@@ -139,6 +139,9 @@ def test_contact_sheet(trained, capsys, tmp_path):
     doc = run_search(capsys, checkpoint, '--query', 'a green triangle', '--k', str(k), '--image_dir',
                      str(root / 'images'), '--sheet', str(sheet_path), '--thumb', str(thumb))
     assert doc['sheet'] == str(sheet_path)
+    default = run_search(capsys, checkpoint, '--query', 'a green triangle', '--image_dir', str(root / 'images'))
+    assert default['sheet'] == os.path.join(os.path.dirname(checkpoint), 'contact_sheet.png')  # next to the model
+    assert os.path.isfile(default['sheet'])
     assert doc['results'][0]['file'] == f'{QUERY_IMAGE:02d}_green_triangle.png'
     sheet = cv2.imread(str(sheet_path))
     header = search.MARGIN + search.LINE_H  # one line of query text

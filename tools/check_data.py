@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import arguments  # noqa: E402
 from lib.data import (DATASET_ALIASES, DEV_CAPTION_CAP, PRECOMP_SUFFIX, captions_per_image,  # noqa: E402
                       check_caption_lines, check_feature_sizes, find_nonfinite, layout_mistake, load_images,
-                      nonfinite_error, precomp_folder, read_caption_lines, split_files, splits_in)
+                      nonfinite_error, precomp_folder, read_caption_lines, split_paths, splits_in)
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
 from lib.text_model import WEIGHT_FILES, check_location  # noqa: E402
 
@@ -30,6 +30,8 @@ STANDARD_SIZES = {
     'coco': {'train': 113287, 'dev': 5000, 'test': 1000, 'testall': 5000},
 }
 STANDARD_PER_IMAGE = 5
+# Smaller training files stay in the page cache of any machine: no advice about it.
+PAGE_CACHE_ADVICE_BYTES = 1e9
 PROBLEM, WARNING = 'problem', 'warning'
 READY_EXIT, NOT_READY_EXIT = 0, 1
 
@@ -85,8 +87,8 @@ def float64_fix(data_path, dataset):
     return f'convert to float32 ({convert} --dtype float32), or to float16, half again ({convert} --dtype float16)'
 
 
-def check_split(data_path, dataset, name, full):
-    info = SplitInfo(name, *split_files(data_path, dataset, name))
+def check_split(folder, name, full, convert_fix):
+    info = SplitInfo(name, *split_paths(folder, name))
     findings = []
     if not os.path.isfile(info.ims_path) or not os.path.isfile(info.caps_path):
         present, absent = ((info.ims_path, info.caps_path) if os.path.isfile(info.ims_path)
@@ -99,11 +101,10 @@ def check_split(data_path, dataset, name, full):
             images = load_images(info.ims_path)  # the loader's own checks: header, size, shape, type
             info.images, info.regions, info.feature_size = images.shape
             info.dtype, info.bytes = str(images.dtype), os.path.getsize(info.ims_path)
-            if images.dtype.itemsize > 4:
+            if images.dtype.itemsize > 4:  # readable (FEATURE_DTYPES), only wasteful
                 findings.append(Finding(f'{info.ims_path} holds {images.dtype} features: {images.dtype.itemsize // 4} '
                                         'times the disk space and page cache of float32 for no gain (the model '
-                                        'computes in float32)',
-                                        float64_fix(data_path, dataset)))
+                                        'computes in float32)', convert_fix, WARNING))
             if full:
                 bad = find_nonfinite(images, show_progress=True, desc=f'scanning {os.path.basename(info.ims_path)}')
                 info.finite = bad is None
@@ -147,29 +148,30 @@ def compare_with_standard(report, standard):
         if info.images is not None and info.images != n_images:
             report.findings.append(Finding(
                 f'{info.ims_path} has {info.images} images; the standard {report.name} {name} split has {n_images}',
-                'a partial or different copy: download and unpack it again (see README "Data")'))
-        elif info.captions is not None and info.captions != STANDARD_PER_IMAGE * n_images:
+                'a partial or different copy: download and unpack it again (see docs/data.md)'))
+        elif info.per_image is not None and info.captions != STANDARD_PER_IMAGE * n_images:  # else reported
             report.findings.append(Finding(
-                f'{info.caps_path} has {info.captions} captions; the standard {report.name} {name} split has '
-                f'{STANDARD_PER_IMAGE * n_images} ({STANDARD_PER_IMAGE} per image)',
+                f'{info.caps_path}: {STANDARD_PER_IMAGE * n_images} = {STANDARD_PER_IMAGE} x {n_images} images '
+                f'expected for the standard {report.name} {name} split, {info.captions} found',
                 'take the caption file from the same archive as the features'))
 
 
 def check_dataset(data_path, dataset, full=False, standard=None):
     report = DatasetReport(dataset, precomp_folder(data_path, dataset))
+    folder = report.folder
     mistake = layout_mistake(data_path, dataset)
     if mistake:
-        report.findings.append(Finding(*mistake))
-        return report
-    names = splits_in(report.folder)
+        report.findings.append(Finding(mistake.what, mistake.fix))
+        folder = mistake.folder  # check the files where they lie: one run reports every problem
+    names = splits_in(folder)
     if not names:
         report.findings.append(Finding(f'{report.folder} holds no split files (<split>_ims.npy, <split>_caps.txt)',
-                                       'unpack the precomp archive so that its files sit there (see README "Data")'))
+                                       'unpack the precomp archive so that its files sit there (see docs/data.md)'))
         return report
     expected = list(standard or ())
     for name in expected + sorted(names - set(expected)):
         if name in names:
-            info, findings = check_split(data_path, dataset, name, full)
+            info, findings = check_split(folder, name, full, float64_fix(data_path, dataset))
             report.splits.append(info)
             report.findings += findings
     if standard is not None:
@@ -227,7 +229,7 @@ def run_needs(report):
     by_name = {s.name: s for s in report.splits}
     lines = []
     train = by_name.get('train')
-    if train is not None and train.bytes:
+    if train is not None and train.bytes and train.bytes >= PAGE_CACHE_ADVICE_BYTES:
         memory = total_memory()
         line = (f'page cache: train_ims.npy ({size_text(train.bytes)}) is read in random order every epoch; '
                 f'keep {size_text(train.bytes)} of RAM free to hold it')
@@ -289,14 +291,14 @@ def check(data_path, dataset=None, bert_path=None, full=False, standard_sizes=No
     datasets = [dataset] if dataset else find_datasets(data_path)
     reports = [check_dataset(data_path, d, full, standard_sizes.get(d)) for d in datasets]
     if bert_path is None:
-        bert_path = arguments.get_train_parser().get_default('bert_path')
+        bert_path = arguments.get_train_parser(dataset).get_default('bert_path')
     missing = []
     if not reports:
         shallow = layout_mistake(data_path, 'NAME')  # split files in data_path itself
-        missing = [Finding(shallow[0], f"{shallow[1]} (NAME: f30k, coco or your dataset's name)") if shallow else
+        missing = [Finding(shallow.what, f"{shallow.fix} (NAME: f30k, coco or your dataset's name)") if shallow else
                    Finding(f'no <dataset>_precomp folder in {data_path}' if os.path.isdir(data_path) else
                            f'--data_path {data_path} does not exist',
-                           'unpack the precomp archives there (see README "Data")')]
+                           'unpack the precomp archives there (see docs/data.md)')]
     return Report(data_path, reports, bert_path, check_bert(bert_path), missing)
 
 
@@ -338,10 +340,10 @@ def print_report(report):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=arguments.HelpFormatter)
     p.add_argument('--data_path', default='data/', help='folder that holds <dataset>_precomp/')
-    p.add_argument('--dataset', default=None, help='f30k, coco or NAME (default: every <NAME>_precomp found)')
-    p.add_argument('--bert_path', default=None, help="text model folder (default: train.py's default)")
+    p.add_argument('--dataset', default=None, help='f30k, coco or NAME; when not given: every <NAME>_precomp found')
+    p.add_argument('--bert_path', default=None, help="text model folder; when not given: train.py's default for the dataset")
     p.add_argument('--full', action='store_true', help='also scan every feature file for NaN/inf (reads it all)')
     p.add_argument('--json', action='store_true', help='print the report as JSON instead of the table')
     return p.parse_args(argv)

@@ -14,13 +14,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import arguments  # noqa: E402
+
 from lib import checkpoint as ckpt_lib  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
 from lib.inference import build_model  # noqa: E402
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=arguments.HelpFormatter)
     p.add_argument('src', help="checkpoint to read (ours or the authors'; read safely, no code runs)")
     p.add_argument('dst', help='file to write')
     p.add_argument('--to', default='ours', choices=['ours', 'authors'], help='format of dst')

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import arguments  # noqa: E402
 from lib.data import load_images  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
 
@@ -31,7 +32,7 @@ BLOCK_BYTES = 64 * 2**20  # source bytes converted at a time
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=arguments.HelpFormatter)
     p.add_argument('--data_path', required=True, help='folder that holds <dataset>_precomp/')
     p.add_argument('--dataset', required=True, help='name of the dataset (<dataset>_precomp/)')
     p.add_argument('--out', required=True, help='new folder; <out>/<dataset>_precomp/ is written')

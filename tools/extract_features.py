@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import arguments  # noqa: E402
 from lib.data import load_captions  # noqa: E402
 from lib.distributed import pick_device  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
@@ -117,7 +118,7 @@ def compact(path, keep_rows, shape):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=arguments.HelpFormatter)
     p.add_argument('--images', required=True, help='folder of JPEG/PNG images')
     p.add_argument('--captions', required=True,
                    help='text file, five captions per image, images in sorted file-name order (or --index order)')
@@ -125,15 +126,16 @@ def parse_args(argv=None):
     p.add_argument('--split', default='test', help='split name: train, dev, test, ...')
     p.add_argument('--index', default=None, help='file listing the image file names (relative to --images), '
                                                   'one per line, in caption order')
-    p.add_argument('--backbone', default='resnet50', choices=BACKBONES)
+    p.add_argument('--backbone', default='resnet50', choices=BACKBONES,
+                   help='torchvision ResNet whose last convolutional grid gives the regions')
     p.add_argument('--weights', default='default', choices=['default', 'none'],
                    help="'default': torchvision's pretrained ImageNet weights; 'none': random weights")
     p.add_argument('--grid', type=int, default=6, help='regions = grid x grid cells of the last conv map')
-    p.add_argument('--batch_size', type=int, default=32)
+    p.add_argument('--batch_size', type=int, default=32, help='images per forward pass')
     p.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1), help='image decoding processes')
     p.add_argument('--on_error', default='fail', choices=['fail', 'skip'],
                    help='an unreadable image stops the run, or is skipped together with its captions')
-    p.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when present)')
+    p.add_argument('--device', default=None, help='cuda, cuda:N or cpu; when not given: cuda when present, else cpu')
     p.add_argument('--seed', type=int, default=0, help='seed of the random backbone (--weights none)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing split in --out')
     args = p.parse_args(argv)

@@ -10,9 +10,14 @@ exactly one answer in the test split. Deterministic for a given --seed.
 """
 import argparse
 import os
+import sys
 
-import cv2
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+import arguments  # noqa: E402
 
 COLORS = {'red': (40, 40, 220), 'green': (50, 170, 50), 'blue': (220, 80, 30), 'yellow': (30, 220, 240),
           'purple': (160, 40, 140), 'orange': (20, 130, 250)}  # BGR
@@ -65,10 +70,10 @@ def make_split(folder, captions_path, rng, copies):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=arguments.HelpFormatter)
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--per_pair', type=int, default=10, help='training images per (colour, shape) pair')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0, help='seed of the drawing (positions, sizes, captions)')
     args = p.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     for split, copies in (('train', args.per_pair), ('dev', 1), ('test', 1)):

@@ -1,6 +1,6 @@
 """Training loss, its parts and validation rsum of one or several runs, from their TensorBoard events.
 
-    python tools/plot_curves.py runs/NAME [runs/OTHER ...] --out imgs/curves.png
+    python tools/plot_curves.py runs/NAME [runs/OTHER ...]    # writes runs/NAME/curves.png
 
 The loss parts are the base loss l(v, t), the relation terms l(v, t^) + l(v^, t) + l(v^, t^) and the
 regulariser (reg_loss_weight x KL, the weight read from the run's options.json). The relation terms
@@ -22,6 +22,7 @@ matplotlib.use('Agg')  # files only: works on servers without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+import arguments  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
 from lib.run_folder import EVENTS_GLOB, OPTIONS  # noqa: E402
 
@@ -140,17 +141,18 @@ def plot(runs, out, window=20, labels=None):
 
 @exit_on_user_error
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=arguments.HelpFormatter)
     p.add_argument('runs', nargs='+', help='run folders (the --logger_name of train.py)')
-    p.add_argument('--out', default='imgs/curves.png', help='PNG file to write')
+    p.add_argument('--out', default=None, help='PNG file to write; when not given: curves.png in the first run folder')
     p.add_argument('--window', type=int, default=20, help='steps averaged in the bold loss line')
-    p.add_argument('--labels', nargs='+', default=None, help='legend names, one per run (default: folder names)')
+    p.add_argument('--labels', nargs='+', default=None, help='legend names, one per run; when not given: the folder names')
     args = p.parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
         p.error(f'--labels gives {len(args.labels)} names for {len(args.runs)} runs')
     if args.window < 1:
         p.error('--window must be >= 1')
-    print(f'wrote {plot(args.runs, args.out, args.window, args.labels)}')
+    out = args.out or os.path.join(args.runs[0], 'curves.png')
+    print(f'wrote {plot(args.runs, out, args.window, args.labels)}')
 
 
 if __name__ == '__main__':

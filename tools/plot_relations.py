@@ -1,11 +1,12 @@
 """Draw the instance-level graph a trained HREM builds over one batch.
 
-    python tools/plot_relations.py --checkpoint runs/demo/model_best.pth --out imgs/relations.png
+    python tools/plot_relations.py --checkpoint runs/demo/model_best.pth   # writes runs/demo/relations.png
 
 The batch is B images of a split (default: the checkpoint's dataset, its test split, B = its
 --batch_size), each with one of its captions, so that caption j describes image j. The figure
 shows the connection (who attends to whom) and the relevance (how strongly) of the four blocks of
-the 2B x 2B graph, image-image, image-text, text-image and text-text (rows are the queries), as
+the 2B x 2B graph, image-image, image-text, text-image and text-text (rows are the queries; the two
+intra-modal blocks share one colour scale, the two cross-modal blocks another), as
 model.relation.relations computes them in training; and, for a few images, the captions and
 images they are most relevant to among their connections (thumbnails with --image_dir, the
 split's images as search.py takes them).
@@ -106,16 +107,25 @@ def short(text, width=90):
     return textwrap.shorten(text, width, placeholder=' ...')
 
 
+def relevance_scales(graph):
+    """{(rows, cols): (vmin, vmax)}: blocks that are compared share a colour scale. The intra-modal
+    blocks are exp(-distance), in (0, 1]; the two cross-modal ones are unbounded MLP scores, drawn
+    on the range of both."""
+    cross = np.concatenate([block(graph['relevance'], 0, 1).ravel(), block(graph['relevance'], 1, 0).ravel()])
+    return {(0, 0): (0.0, 1.0), (1, 1): (0.0, 1.0),
+            (0, 1): (float(cross.min()), float(cross.max())), (1, 0): (float(cross.min()), float(cross.max()))}
+
+
 def draw_heatmaps(fig, grid, graph):
-    """Row 0: connection of each block; row 1: its relevance (own colour scale: the intra-modal
-    blocks are exp(-distance) in (0, 1], the cross-modal ones unbounded MLP scores)."""
+    """Row 0: connection of each block; row 1: its relevance (see relevance_scales)."""
+    scales = relevance_scales(graph)
     for col, (name, rows, cols) in enumerate(BLOCKS):
         for row, (key, cmap) in enumerate((('connect', 'Greys'), ('relevance', 'viridis'))):
             ax = fig.add_subplot(grid[row, col])
             ax.set_label(f'{key}/{name}')  # tests find each heatmap by this label
             data = block(graph[key], rows, cols)
-            im = ax.imshow(data, cmap=cmap, interpolation='nearest',
-                           **({'vmin': 0, 'vmax': 1} if key == 'connect' else {}))
+            vmin, vmax = (0, 1) if key == 'connect' else scales[rows, cols]
+            im = ax.imshow(data, cmap=cmap, interpolation='nearest', vmin=vmin, vmax=vmax)
             if key == 'relevance':
                 fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
             else:
@@ -162,22 +172,22 @@ def draw(graph, texts, image_ids, examples, k=3, files=None, title='', thumb=96)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=arguments.HelpFormatter)
     p.add_argument('--checkpoint', required=True,
                    help="model_best.pth or checkpoint_last.pth of this project's train.py")
-    p.add_argument('--out', default='relations.png', help='PNG file to write (default relations.png)')
-    p.add_argument('--data_path', default=None, help="default: the checkpoint's")
-    p.add_argument('--dataset', default=None, help="default: the checkpoint's")
-    p.add_argument('--split', default=None, help="default: the dataset's test split (COCO: testall)")
-    p.add_argument('--bert_path', default=None, help="text model folder; default: the checkpoint's")
-    p.add_argument('--batch_size', type=int, default=None, help="images in the batch (default: the checkpoint's)")
-    p.add_argument('--batch_index', type=int, default=0, help='which batch of consecutive images (default 0)')
+    p.add_argument('--out', default=None, help='PNG file to write; when not given: relations.png next to the checkpoint')
+    p.add_argument('--data_path', default=None, help="folder that holds <dataset>_precomp/; when not given: the checkpoint's")
+    p.add_argument('--dataset', default=None, help="dataset name; when not given: the checkpoint's")
+    p.add_argument('--split', default=None, help="split to draw from; when not given: the dataset's test split (COCO: testall)")
+    p.add_argument('--bert_path', default=None, help="text model folder; when not given: the checkpoint's")
+    p.add_argument('--batch_size', type=int, default=None, help="images in the batch; when not given: the checkpoint's batch size")
+    p.add_argument('--batch_index', type=int, default=0, help='which batch of consecutive images')
     p.add_argument('--seed', type=int, default=None, help='instead: B random images, a random caption of each')
     p.add_argument('--examples', type=int, nargs='+', default=[0, 1, 2],
-                   help='batch positions of the images whose neighbours are listed (default 0 1 2)')
-    p.add_argument('--k', type=int, default=3, help='neighbours listed per example (default 3)')
+                   help='batch positions of the images whose neighbours are listed')
+    p.add_argument('--k', type=int, default=3, help='neighbours listed per example')
     p.add_argument('--image_dir', default=None, help="the split's images: thumbnails of the examples' neighbours")
-    p.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when present)')
+    p.add_argument('--device', default=None, help='cuda, cuda:N or cpu; when not given: cuda when present, else cpu')
     args = p.parse_args(argv)
     if args.k < 1:
         p.error('--k must be >= 1')
@@ -212,10 +222,11 @@ def main(argv=None):
              f'{int(batch_size * model.relation.threshold)} connections; KL regulariser {graph["reg"]:.3f}')
     fig = draw(graph, [split.captions[c] for c in captions], images, opts.examples, opts.k, files,
                '\n'.join(textwrap.wrap(title, 180)))
-    os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
-    fig.savefig(opts.out, dpi=80)
+    out = opts.out or os.path.join(os.path.dirname(opts.checkpoint), 'relations.png')
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=80)
     plt.close(fig)
-    print(f'wrote {opts.out}')
+    print(f'wrote {out}')
     return graph, images, captions
 
 

@@ -2,7 +2,7 @@
 
     python tools/results_table.py runs/*                       # Markdown
     python tools/results_table.py runs/* --csv > runs.csv
-    python tools/results_table.py runs/* --where dataset=coco --sort t2i_r1 --plot imgs/runs.png
+    python tools/results_table.py runs/* --where dataset=coco --sort t2i_r1 --plot   # writes runs/results.png
 
 Reads each run folder's options.json and results.json (train.py writes both) and nothing else.
 A folder without results.json (a run still training, or one that stopped) is skipped with a note
@@ -219,20 +219,22 @@ def parse_where(text):
 
 @exit_on_user_error
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=arguments.HelpFormatter)
     p.add_argument('runs', nargs='+', help='run folders (the --logger_name of train.py)')
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument('--csv', action='store_true', help='CSV instead of Markdown (full precision, seconds)')
     fmt.add_argument('--json', action='store_true', help='a JSON list, one object per run')
     p.add_argument('--sort', default='rsum',
                    help=f'sort by {", ".join(METRICS)} (of the first evaluation), epoch, wall_time_s, run '
-                        'or an option name (default rsum, largest first)')
+                        'or an option name; largest first unless --ascending')
     p.add_argument('--ascending', action='store_true', help='smallest first')
     p.add_argument('--where', action='append', type=parse_where, default=[], metavar='KEY=VALUE',
                    help='keep runs whose option KEY equals VALUE (repeatable; all must hold)')
     p.add_argument('--name', default=None, help='keep runs whose folder name contains this text')
-    p.add_argument('--plot', default=None, metavar='FILE', help='also write a bar chart of --metric per run')
-    p.add_argument('--metric', default='rsum', choices=METRICS, help='metric of the bar chart (default rsum)')
+    p.add_argument('--plot', nargs='?', const='', default=None, metavar='FILE',
+                   help='also write a bar chart of --metric per run; without FILE: results.png in the folder '
+                        'that holds the runs')
+    p.add_argument('--metric', default='rsum', choices=METRICS, help='metric of the bar chart')
     args = p.parse_args(argv)
 
     runs = [r for r in map(read_run, args.runs) if r is not None]
@@ -255,8 +257,9 @@ def main(argv=None):
     else:
         table = rows(runs, options)
         print(csv_text(table, options) if args.csv else markdown(table, options))
-    if args.plot:
-        print(f'wrote {plot(runs, args.plot, args.metric)}', file=sys.stderr)
+    if args.plot is not None:
+        out = args.plot or os.path.join(os.path.commonpath([os.path.abspath(r['folder']) for r in runs]), 'results.png')
+        print(f'wrote {plot(runs, out, args.metric)}', file=sys.stderr)
     return runs
 
 
