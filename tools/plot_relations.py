@@ -29,6 +29,7 @@ from lib import checkpoint as ckpt_lib  # noqa: E402
 from lib.data import PrecompSplit, pad_batch, split_files  # noqa: E402
 from lib.distributed import pick_device  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
+from lib.writing import save_figure  # noqa: E402
 from lib.inference import build_model  # noqa: E402
 from lib.text_model import load_tokenizer  # noqa: E402
 
@@ -212,8 +213,7 @@ def main(argv=None):
              f'{int(batch_size * model.relation.threshold)} connections; KL regulariser {graph["reg"]:.3f}')
     fig = draw(graph, [split.captions[c] for c in captions], images, opts.examples, opts.k, files,
                '\n'.join(textwrap.wrap(title, 180)))
-    os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
-    fig.savefig(opts.out, dpi=80)
+    save_figure(fig, opts.out, dpi=80)
     plt.close(fig)
     print(f'wrote {opts.out}')
     return graph, images, captions
