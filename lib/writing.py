@@ -54,7 +54,7 @@ def write_failure(path, err, what='', kept=None, advice=None):
     if kept is None:
         kept = os.path.isfile(path)
     parts = [f'could not write {name}: {describe(os_err)}',
-             f'the previous {os.path.basename(path)} is intact' if kept else 'nothing was written']
+             f'the previous {os.path.basename(path)} is intact' if kept else f'no {os.path.basename(path)} was written']
     if advice:
         parts.append(advice)
     return UserError('; '.join(parts))

@@ -1,0 +1,245 @@
+"""Write faults produced for real, not mocked: a full file system (a small tmpfs, as root), the
+file size limit (RLIMIT_FSIZE, no root needed), a read-only file system or folder, a path through
+a file; in one process and under torchrun with two gloo processes; a rank killed with SIGKILL.
+
+Every failed write must end in one line naming the file and the cause, exit status 2, the
+previous file intact and no temporary file left.
+"""
+import contextlib
+import errno
+import glob
+import json
+import logging
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import eval as eval_script
+import train
+from lib import checkpoint as ckpt_lib
+from lib.errors import UserError
+from lib.writing import atomic_write, os_error_in
+from test_errors import REPO, assert_user_error, bert, data, run_main, save_checkpoint, train_argv  # noqa: F401
+
+TORCHRUN_TIMEOUT = 420  # a hang guard only: a healthy launch here takes well under a minute
+
+
+# ----------------------------------------------------------------------------- real faults
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size) -> a fresh tmpfs of that many bytes; unmounted at the end. Needs root."""
+    if os.geteuid() != 0:
+        pytest.skip('mounting a tmpfs needs root (CI runs as root)')
+    mounts = []
+
+    def mount(size, name='fs', options=''):
+        target = tmp_path / name
+        target.mkdir()
+        proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}{options}', 'tmpfs', str(target)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            pytest.skip(f'cannot mount a tmpfs here: {proc.stderr.strip()}')
+        mounts.append(target)
+        return target
+    try:
+        yield mount
+    finally:
+        for handler in logging.getLogger('hrem').handlers:  # an in-process run may hold train.log open
+            handler.close()
+        for target in mounts:
+            subprocess.run(['umount', '-l', str(target)], check=False)
+
+
+def fill(folder, leave=0):
+    """Fill the file system of folder until `leave` bytes stay free (one filler file)."""
+    path = os.path.join(folder, 'filler')
+    with open(path, 'wb', buffering=0) as f:
+        chunk = b'\0' * 65536
+        try:
+            while True:
+                f.write(chunk)
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+    size = os.path.getsize(path)
+    os.truncate(path, max(0, size - leave))
+    return path
+
+
+def leftovers(folder):
+    """Temporary files a write left behind."""
+    return [f for f in os.listdir(folder) if f.endswith('.tmp') or f.endswith('.partial')]
+
+
+def with_fsize_limit(limit):
+    """preexec_fn: writes beyond `limit` bytes fail with EFBIG (SIGXFSZ ignored)."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+# ----------------------------------------------------------------------------- what torch raises
+
+def test_torch_save_on_a_full_disk_raises_runtime_error_after_oserror(tmpfs):
+    """What the helper relies on, checked against the real thing: torch's zip writer turns the
+    OSError of a full disk into RuntimeError('... unexpected pos ...') with the OSError as context."""
+    fs = tmpfs('64k')
+    with pytest.raises(RuntimeError) as raised, open(fs / 'x.pth', 'wb') as f:
+        torch.save({'w': torch.zeros(100000)}, f)
+    assert 'unexpected pos' in str(raised.value)
+    assert os_error_in(raised.value).errno == errno.ENOSPC
+
+
+def test_a_runtime_error_without_an_oserror_is_not_a_write_fault(tmp_path):
+    path = tmp_path / 'x.pth'
+    with pytest.raises(RuntimeError, match='a bug'), atomic_write(str(path)) as f:
+        f.write(b'half')
+        raise RuntimeError('a bug')
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('how', ['full_disk', 'file_size_limit'])
+def test_save_atomic_on_a_real_fault_keeps_the_previous_checkpoint(tmp_path, tmpfs, how):
+    """ENOSPC from a full tmpfs, EFBIG from RLIMIT_FSIZE (in a child: the limit is per process)."""
+    folder = tmpfs('1m') if how == 'full_disk' else tmp_path
+    path = os.path.join(folder, 'checkpoint_last.pth')
+    ckpt_lib.save_atomic({'format': ckpt_lib.FORMAT, 'w': torch.arange(6.0)}, path)
+    before = open(path, 'rb').read()
+    code = ('import sys, torch; sys.path.insert(0, sys.argv[2]); from lib import checkpoint as c; '
+            'from lib.errors import exit_on_user_error; '
+            'exit_on_user_error(lambda: c.save_atomic({"w": torch.zeros(1 << 20)}, sys.argv[1]))()')
+    proc = subprocess.run([sys.executable, '-c', code, path, REPO], capture_output=True, text=True,
+                          preexec_fn=with_fsize_limit(200_000) if how == 'file_size_limit' else None)
+    cause = ('No space left on device (the disk is full; free space)' if how == 'full_disk'
+             else 'File too large (the file size limit (ulimit -f) is reached; raise it)')
+    assert_user_error(proc.returncode, proc.stderr, f'error: could not write checkpoint {path}: {cause}; '
+                      'the previous checkpoint_last.pth is intact')
+    assert open(path, 'rb').read() == before
+    assert leftovers(folder) == []
+
+
+# ----------------------------------------------------------------------------- training, one process
+
+def first_run(data, bert, folder, *extra):
+    """Two steps of a tiny run (5 steps an epoch) into folder: checkpoint_last.pth at step 2."""
+    train.main([*train_argv(data, bert, 'unused', '--max_steps', '2', *extra), '--logger_name', str(folder)])
+    return os.path.join(folder, 'checkpoint_last.pth')
+
+
+SCENARIOS = {
+    # resume from step 2 into a full disk: the next checkpoint_last.pth does not fit
+    'mid_epoch': ('checkpoint_last.pth', ['--max_steps', '4', '--checkpoint_every', '1']),
+    'epoch_end': ('checkpoint_last.pth', []),
+    # a hard link (a backup) keeps the previous checkpoint's blocks: room for one checkpoint only
+    'model_best': ('model_best.pth', []),
+}
+
+
+def prepare_full_disk(run, scenario):
+    """Leave less room than the next write needs (the checkpoint's size is that of the last)."""
+    size = os.path.getsize(os.path.join(run, 'checkpoint_last.pth'))
+    if scenario == 'model_best':
+        os.link(os.path.join(run, 'checkpoint_last.pth'), os.path.join(os.path.dirname(run), 'backup.pth'))
+        fill(os.path.dirname(run), leave=size + size // 2)
+    else:
+        fill(os.path.dirname(run), leave=size // 2)
+
+
+def check_full_disk_outcome(code, err, run, scenario, before):
+    name, _ = SCENARIOS[scenario]
+    target = os.path.join(run, name)
+    last = os.path.join(run, 'checkpoint_last.pth')
+    kept = f'the previous {name} is intact' if scenario != 'model_best' else 'no model_best.pth was written'
+    line = assert_user_error(code, err, f'error: could not write checkpoint {target}: No space left on device '
+                             f'(the disk is full; free space); {kept}; continue with --resume {last} once the '
+                             'cause is fixed')
+    assert '\n' not in line
+    saved = ckpt_lib.read_raw(last)
+    if scenario == 'model_best':  # checkpoint_last.pth of the epoch's end fitted
+        assert (saved['epoch'], saved['iteration']) == (1, 5)
+        assert not os.path.exists(target)
+    else:
+        assert open(last, 'rb').read() == before, 'the previous checkpoint is untouched'
+        assert saved['iteration'] == 2
+    assert leftovers(run) == []
+
+
+@pytest.mark.parametrize('scenario', list(SCENARIOS))
+def test_full_disk_while_training_one_process(data, bert, tmpfs, capsys, scenario):
+    run = os.path.join(tmpfs('48m'), 'run')
+    last = first_run(data, bert, run)
+    before = open(last, 'rb').read()
+    prepare_full_disk(run, scenario)
+    code, err = run_main(train.main, ['--resume', last, '--device', 'cpu', *SCENARIOS[scenario][1]], capsys)
+    check_full_disk_outcome(code, err, run, scenario, before)
+
+
+# ----------------------------------------------------------------------------- bad --logger_name
+
+def bad_logger_name(kind, tmp_path, tmpfs):
+    if kind == 'through_a_file':
+        (tmp_path / 'afile').write_text('x')
+        return str(tmp_path / 'afile' / 'run'), f'{tmp_path / "afile"} is a file, not a folder'
+    if kind == 'read_only_file_system':
+        fs = tmpfs('1m', options=',ro')
+        return str(fs / 'run'), 'Read-only file system (the file system is read-only; write somewhere else)'
+    if kind == 'full_disk':
+        fs = tmpfs('256k')
+        fill(fs)
+        return str(fs / 'run'), 'No space left on device (the disk is full; free space)'
+    if os.geteuid() == 0:
+        pytest.skip('root writes into a read-only folder; the read-only file system covers this as root')
+    folder = tmp_path / 'locked'
+    folder.mkdir()
+    folder.chmod(0o500)
+    return str(folder / 'run'), 'Permission denied (no write permission'
+
+
+@pytest.mark.parametrize('kind', ['through_a_file', 'read_only_file_system', 'full_disk', 'read_only_folder'])
+def test_bad_logger_name_is_refused_before_any_data_is_read(data, bert, tmp_path, tmpfs, capsys, monkeypatch,
+                                                            kind):
+    folder, cause = bad_logger_name(kind, tmp_path, tmpfs)
+    read = []
+    monkeypatch.setattr(train, 'load_tokenizer', lambda *a: read.append(a) or pytest.fail('data was read'))
+    code, err = run_main(train.main, [*train_argv(data, bert), '--logger_name', folder], capsys)
+    assert_user_error(code, err, 'the run folder (--logger_name)', folder.rsplit('/run', 1)[0], cause)
+    assert read == []
+
+
+# ----------------------------------------------------------------------------- the other writers
+
+def test_eval_outputs_on_a_full_disk(data, bert, tmpfs, capsys):
+    fs = tmpfs('1m')
+    ckpt = save_checkpoint(data / 'model.pth', data, bert)
+    argv = ['--checkpoint', ckpt, '--device', 'cpu', '--bert_path', bert]
+    (fs / 'r.json').write_text('{"old": 1}')
+    fill(fs)
+    code, err = run_main(eval_script.main, [*argv, '--json', str(fs / 'r.json')], capsys)
+    assert_user_error(code, err, f'could not write {fs / "r.json"}: No space left on device',
+                      'the previous r.json is intact')
+    assert json.loads((fs / 'r.json').read_text()) == {'old': 1}
+    code, err = run_main(eval_script.main, [*argv, '--save_sims', str(fs / 's.npy')], capsys)
+    assert_user_error(code, err, f'could not write similarities {fs / "s.npy"}: No space left on device',
+                      'no s.npy was written')
+    assert sorted(os.listdir(fs)) == ['filler', 'r.json']
+
+
+def test_convert_features_past_the_file_size_limit(data, tmp_path):
+    out = tmp_path / 'half'
+    code = subprocess.run([sys.executable, 'tools/convert_features.py', '--data_path', str(data), '--dataset', 'tiny',
+                           '--out', str(out), '--dtype', 'float16'], cwd=REPO, capture_output=True, text=True,
+                          preexec_fn=with_fsize_limit(300))
+    target = out / 'tiny_precomp' / 'dev_ims.npy'
+    assert_user_error(code.returncode, code.stderr, f'could not write converted features {target}: File too large',
+                      'no dev_ims.npy was written')
+    assert os.listdir(out / 'tiny_precomp') == []
