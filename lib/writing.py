@@ -95,6 +95,16 @@ def fsync_folder(folder):
         os.close(fd)
 
 
+def _mode_of(path):
+    """The permissions of the file being replaced, else those a plain open() would give."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode='wb', what='', advice=None, **open_kwargs):
     """Yield a file object on a temporary file next to `path`; on success flush, fsync and rename
@@ -105,6 +115,7 @@ def atomic_write(path, mode='wb', what='', advice=None, **open_kwargs):
     try:
         with reported(path, what, advice):
             fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+            os.fchmod(fd, _mode_of(path))  # mkstemp's 0600 would hide results from the user's group
             with os.fdopen(fd, mode, **open_kwargs) as f:
                 yield f
                 f.flush()

@@ -243,3 +243,144 @@ def test_convert_features_past_the_file_size_limit(data, tmp_path):
     assert_user_error(code.returncode, code.stderr, f'could not write converted features {target}: File too large',
                       'no dev_ims.npy was written')
     assert os.listdir(out / 'tiny_precomp') == []
+
+
+# ----------------------------------------------------------------------------- torchrun, two gloo processes
+
+def tiny_argv(data, bert, folder, *extra):
+    return [*train_argv(data, bert, 'unused', *extra), '--logger_name', str(folder)]
+
+
+def torchrun(argv, timeout=TORCHRUN_TIMEOUT, wait=True):
+    """train.py under torchrun with two gloo processes, in a session of its own (a hung launch is
+    killed whole: agent and ranks)."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'train.py', *argv]
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    if not wait:
+        return proc
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_session(proc)
+    return proc.returncode, err
+
+
+def kill_session(proc):
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def project_tracebacks(err):
+    """Traceback lines through this project's code (torchrun's own summary goes through torch only)."""
+    return [line for line in err.splitlines()
+            if re.match(r'\s*File "', line) and REPO in line or 'File "train.py"' in line]
+
+
+def errors_of(err):
+    return [line for line in err.splitlines() if line.startswith('error: ')]
+
+
+@pytest.fixture(scope='module')
+def two_rank_run(tmp_path_factory, bert):
+    """A run of two gloo processes stopped by --max_steps 2 (a mid-epoch checkpoint of 2 ranks)."""
+    from test_errors import make_data
+    root = tmp_path_factory.mktemp('ddp_faults')
+    make_data(root)
+    code, err = torchrun(tiny_argv(root, bert, root / 'run', '--max_steps', '2'))
+    assert code == 0, err
+    return root, root / 'run'
+
+
+@pytest.mark.parametrize('scenario', list(SCENARIOS))
+def test_full_disk_while_training_under_torchrun(two_rank_run, tmpfs, scenario):
+    root, first = two_rank_run
+    run = os.path.join(tmpfs('48m'), 'run')
+    shutil.copytree(first, run)
+    last = os.path.join(run, 'checkpoint_last.pth')
+    before = open(last, 'rb').read()
+    prepare_full_disk(run, scenario)
+    code, err = torchrun(['--resume', last, '--device', 'cpu', *SCENARIOS[scenario][1]])
+    assert code != 0
+    assert project_tracebacks(err) == [], err
+    lines = errors_of(err)
+    assert len(lines) == 2, err
+    failing = [line for line in lines if 'could not write checkpoint' in line]
+    assert len(failing) == 1, err
+    check_full_disk_outcome(2, failing[0], run, scenario, before)  # rank 0's line, checked as one process
+    assert re.fullmatch(r'error: rank 1 stopped: another rank failed or was stopped \(gloo: Connection closed by '
+                        r'peer\); .*', [line for line in lines if line not in failing][0]), err
+
+
+def rank_pid(launcher_pid, rank, timeout=120):
+    """The pid of the torchrun rank `rank` (a child of the launcher whose RANK is rank)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with contextlib.suppress(OSError):
+            children = open(f'/proc/{launcher_pid}/task/{launcher_pid}/children').read().split()
+            for pid in children:
+                with contextlib.suppress(OSError):
+                    environ = open(f'/proc/{pid}/environ', 'rb').read().split(b'\0')
+                    if f'RANK={rank}'.encode() in environ:
+                        return int(pid)
+        time.sleep(0.2)
+    raise AssertionError(f'no rank {rank} under launcher {launcher_pid}')
+
+
+def wait_for_training(folder, timeout=TORCHRUN_TIMEOUT):
+    """Until train.log shows that the steps have started."""
+    log = os.path.join(folder, 'train.log')
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.isfile(log) and 'steps per epoch' in open(log).read():
+            time.sleep(2)  # inside the first steps
+            return
+        time.sleep(0.2)
+    raise AssertionError(f'{log} never showed training')
+
+
+def test_a_rank_killed_with_sigkill_ends_the_torchrun_job_within_a_minute(two_rank_run, bert):
+    root, _ = two_rank_run
+    folder = root / 'killed'
+    proc = torchrun(tiny_argv(root, bert, folder, '--num_epochs', '1000'), wait=False)
+    try:
+        wait_for_training(folder)
+        os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+        killed = time.time()
+        _, err = proc.communicate(timeout=TORCHRUN_TIMEOUT)
+        ended = time.time() - killed
+    finally:
+        kill_session(proc)
+    assert proc.returncode != 0
+    assert ended < 60, f'the job took {ended:.0f} s to end after the kill'
+    assert project_tracebacks(err) == [], err
+    assert 'Signal 9 (SIGKILL) received by PID' in err  # torchrun's summary names the killed rank
+
+
+def test_a_rank_killed_without_torchrun_agent_ends_the_other_within_a_minute(two_rank_run, bert):
+    """As srun starts every rank itself: nothing stops the survivor but its broken collective."""
+    root, _ = two_rank_run
+    folder = root / 'srun'
+    port = str(__import__('test_distributed').free_port())
+    procs = [subprocess.Popen([sys.executable, 'train.py', *tiny_argv(root, bert, folder, '--num_epochs', '1000')],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1', 'RANK': str(r),
+                                   'LOCAL_RANK': str(r), 'WORLD_SIZE': '2', 'MASTER_ADDR': '127.0.0.1',
+                                   'MASTER_PORT': port}, start_new_session=True)
+             for r in range(2)]
+    try:
+        wait_for_training(folder)
+        procs[1].kill()
+        killed = time.time()
+        _, err = procs[0].communicate(timeout=TORCHRUN_TIMEOUT)
+        ended = time.time() - killed
+    finally:
+        for p in procs:
+            kill_session(p)
+    assert ended < 60, f'rank 0 took {ended:.0f} s to end after the kill'
+    assert procs[0].returncode == 3, err
+    assert 'Traceback' not in err, err
+    assert re.fullmatch(r'error: rank 0 stopped: another rank failed or was stopped \(gloo: .*', err.strip()
+                        .splitlines()[-1]), err
