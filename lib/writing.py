@@ -40,6 +40,18 @@ def os_error_in(err):
     return None
 
 
+def interruption_in(err):
+    """A KeyboardInterrupt or SystemExit in the chain: torch's zip writer turns one raised inside
+    its write callback (Ctrl-C during torch.save) into RuntimeError('... unexpected pos ...')."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def describe(os_err):
     """'No space left on device (the disk is full; free space)'."""
     cause = os_err.strerror or os.strerror(os_err.errno)
@@ -67,6 +79,9 @@ def reported(path, what='', advice=None):
     try:
         yield
     except BaseException as err:
+        interrupted = interruption_in(err)
+        if interrupted is not None and interrupted is not err:
+            raise interrupted.with_traceback(None) from None  # the interruption, not torch's wrapper
         if not isinstance(err, UserError) and os_error_in(err) is not None:
             raise write_failure(path, err, what, advice=advice) from err
         raise

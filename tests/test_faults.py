@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import arguments
 import train
+import lib.writing
 from lib import checkpoint as ckpt_lib
 from lib.data import TrainDataset
 from lib.model import HREM, Outputs
@@ -25,12 +26,32 @@ def scalars(folder, tag):
 
 # ----------------------------------------------------------------------------- atomic checkpoints
 
-def interrupted_save(exc):
-    """A torch.save that writes half a file and then dies with `exc` (Ctrl-C, an exit)."""
-    def save(obj, f):
-        f.write(b'PK\x03\x04 half a checkpoint')
-        raise exc
-    return save
+class InterruptedFile:
+    """A file whose third write is interrupted by `exc` (Ctrl-C, an exit), inside torch's own zip
+    writer, which wraps it in RuntimeError('... unexpected pos ...') as it really does."""
+
+    def __init__(self, f, exc):
+        self.f, self.exc, self.writes = f, exc, 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 3:
+            raise self.exc
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def interrupted_fdopen(exc):
+    real = os.fdopen
+    return lambda fd, *a, **k: InterruptedFile(real(fd, *a, **k), exc)
 
 
 @pytest.mark.parametrize('exc', [KeyboardInterrupt(), SystemExit(1)])
@@ -40,7 +61,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, e
     ckpt_lib.save_atomic(previous, path)
     before = open(path, 'rb').read()
 
-    monkeypatch.setattr(torch, 'save', interrupted_save(exc))
+    monkeypatch.setattr(lib.writing.os, 'fdopen', interrupted_fdopen(exc))
     with pytest.raises(type(exc)):
         ckpt_lib.save_atomic({'format': ckpt_lib.FORMAT, 'epoch': 2, 'weights': torch.zeros(6)}, path)
     monkeypatch.undo()
