@@ -384,3 +384,46 @@ def test_a_rank_killed_without_torchrun_agent_ends_the_other_within_a_minute(two
     assert 'Traceback' not in err, err
     assert re.fullmatch(r'error: rank 0 stopped: another rank failed or was stopped \(gloo: .*', err.strip()
                         .splitlines()[-1]), err
+
+
+# ----------------------------------------------------------------------------- small writers on a full disk
+
+def test_train_log_on_a_full_disk_is_one_line(tmpfs):
+    from lib.run_folder import setup_logger
+    fs = tmpfs('256k')
+    logger = setup_logger(str(fs))
+    fill(fs)
+    with pytest.raises(UserError, match=re.escape(f'could not write {fs / "train.log"}: No space left on device')):
+        logger.info('x' * 65536)  # more than one page: the write itself fails, not a later flush
+
+
+def test_search_cache_on_a_full_disk_is_a_warning_and_leaves_nothing(tmpfs, capsys):
+    import search
+    fs = tmpfs('256k')
+    fill(fs)
+    path = str(fs / 'model_best.search_tiny_test.npz')
+    search.write_cache(path, 'key', np.zeros((100, 64), np.float32), np.zeros((500, 64), np.float32))
+    err = capsys.readouterr().err.strip()
+    assert err == (f'warning: could not write the search cache {path}: No space left on device (the disk is full; '
+                   'free space); no model_best.search_tiny_test.npz was written; the next search encodes the '
+                   'gallery again')
+    assert os.listdir(fs) == ['filler']
+
+
+def test_figure_on_a_full_disk_keeps_the_previous_one(tmpfs):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from lib.writing import save_figure
+    fs = tmpfs('1m')
+    fig = plt.figure(figsize=(8, 8))
+    plt.plot(np.random.default_rng(0).random(10000))
+    save_figure(fig, str(fs / 'curves.png'), dpi=100)
+    before = (fs / 'curves.png').read_bytes()
+    fill(fs)
+    with pytest.raises(UserError, match='could not write the figure .*curves.png: No space left on device .*'
+                                        'the previous curves.png is intact'):
+        save_figure(fig, str(fs / 'curves.png'), dpi=100)
+    plt.close(fig)
+    assert (fs / 'curves.png').read_bytes() == before
+    assert sorted(os.listdir(fs)) == ['curves.png', 'filler']
