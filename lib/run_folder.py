@@ -9,7 +9,7 @@ import os
 import sys
 
 from lib.errors import UserError
-from lib.writing import atomic_write, check_writable_folder, write_failure
+from lib.writing import atomic_write, check_writable_folder, describe, write_failure
 
 OPTIONS = 'options.json'
 LOG = 'train.log'
@@ -79,7 +79,8 @@ class LogFile(logging.FileHandler):
     def handleError(self, record):
         err = sys.exc_info()[1]
         if isinstance(err, OSError):
-            raise write_failure(self.baseFilename, err, kept=False) from err
+            raise UserError(f'could not write {self.baseFilename}: {describe(err)}; the messages before this one '
+                            'are in it') from err
         super().handleError(record)
 
 

@@ -393,7 +393,8 @@ def test_train_log_on_a_full_disk_is_one_line(tmpfs):
     fs = tmpfs('256k')
     logger = setup_logger(str(fs))
     fill(fs)
-    with pytest.raises(UserError, match=re.escape(f'could not write {fs / "train.log"}: No space left on device')):
+    with pytest.raises(UserError, match=re.escape(f'could not write {fs / "train.log"}: No space left on device '
+                                                  '(the disk is full; free space); the messages before this one')):
         logger.info('x' * 65536)  # more than one page: the write itself fails, not a later flush
 
 
