@@ -428,3 +428,13 @@ def test_figure_on_a_full_disk_keeps_the_previous_one(tmpfs):
     plt.close(fig)
     assert (fs / 'curves.png').read_bytes() == before
     assert sorted(os.listdir(fs)) == ['curves.png', 'filler']
+
+
+def test_make_shapes_on_a_full_disk(tmpfs):
+    """cv2.imwrite would only return False: the tool now fails with the line."""
+    fs = tmpfs('200k')
+    proc = subprocess.run([sys.executable, 'tools/make_shapes.py', '--out', str(fs / 'out'), '--per_pair', '2'],
+                          cwd=REPO, capture_output=True, text=True)
+    assert_user_error(proc.returncode, proc.stderr, 'could not write', 'No space left on device')
+    assert not [f for _, _, files in os.walk(fs) for f in files if f.endswith('.tmp')]
+
