@@ -7,7 +7,6 @@ previous file intact and no temporary file left.
 """
 import contextlib
 import errno
-import glob
 import json
 import logging
 import os
@@ -438,3 +437,18 @@ def test_make_shapes_on_a_full_disk(tmpfs):
     assert_user_error(proc.returncode, proc.stderr, 'could not write', 'No space left on device')
     assert not [f for _, _, files in os.walk(fs) for f in files if f.endswith('.tmp')]
 
+
+
+def test_extract_features_on_a_disk_too_small_for_the_array(tmpfs, tmp_path):
+    """The feature array is memory-mapped: without reserving its room first, the first page that
+    does not fit kills the process with SIGBUS instead of an error."""
+    from test_own_images import EXTRACT, make_folder, write_lines
+    write_lines(tmp_path / 'caps.txt', make_folder(tmp_path / 'images'))
+    fs = tmpfs('128k')
+    out = fs / 'own_precomp'
+    proc = subprocess.run([sys.executable, 'tools/extract_features.py', '--images', str(tmp_path / 'images'),
+                           '--captions', str(tmp_path / 'caps.txt'), '--out', str(out), '--split', 'test', *EXTRACT],
+                          cwd=REPO, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT)
+    assert_user_error(proc.returncode, proc.stderr, f'could not write features {out / "test_ims.npy"}: No space left '
+                      'on device (the disk is full; free space); no test_ims.npy was written')
+    assert os.listdir(out) == []

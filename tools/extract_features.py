@@ -170,28 +170,29 @@ def main(argv=None):
     tmp = ims_path + '.partial'
     kept, skipped = [], []
     try:
-        with reported(ims_path, 'features'):
+        with reported(ims_path, 'features'):  # the array's room is reserved: no SIGBUS later
             # the array lives on disk: a large collection never needs to fit in RAM
             feats = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=(len(names),) + shape)
             with open(tmp, 'r+b') as f:
                 reserve(f, os.path.getsize(tmp))
-            bar = tqdm(loader, desc=f'{args.backbone} on {device}', unit='batch', dynamic_ncols=True)
-            with torch.inference_mode():
-                for index, images, bad in bar:
-                    for i in bad:
-                        path = os.path.join(args.images, names[i])
-                        if args.on_error == 'fail':
-                            raise UserError(f'cannot read image {path} (missing, empty or not a JPEG/PNG that '
-                                            'OpenCV decodes); fix or remove it, or pass --on_error skip')
-                        tqdm.write(f'warning: skipping unreadable image {path} and its {CAPTIONS_PER_IMAGE} captions',
-                                   file=sys.stderr)
-                        skipped.append(names[i])
-                    if images is None:
-                        continue
-                    regions = grid_regions(trunk, images.to(device, non_blocking=True), args.grid)
-                    feats[len(kept):len(kept) + len(index)] = regions.float().cpu().numpy()
-                    kept.extend(index)
-                    bar.set_postfix(skipped=len(skipped))
+        bar = tqdm(loader, desc=f'{args.backbone} on {device}', unit='batch', dynamic_ncols=True)
+        with torch.inference_mode():
+            for index, images, bad in bar:
+                for i in bad:
+                    path = os.path.join(args.images, names[i])
+                    if args.on_error == 'fail':
+                        raise UserError(f'cannot read image {path} (missing, empty or not a JPEG/PNG that '
+                                        'OpenCV decodes); fix or remove it, or pass --on_error skip')
+                    tqdm.write(f'warning: skipping unreadable image {path} and its {CAPTIONS_PER_IMAGE} captions',
+                               file=sys.stderr)
+                    skipped.append(names[i])
+                if images is None:
+                    continue
+                regions = grid_regions(trunk, images.to(device, non_blocking=True), args.grid)
+                feats[len(kept):len(kept) + len(index)] = regions.float().cpu().numpy()
+                kept.extend(index)
+                bar.set_postfix(skipped=len(skipped))
+        with reported(ims_path, 'features'):
             feats.flush()
             del feats
             if not kept:
