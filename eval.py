@@ -19,6 +19,7 @@ from lib.errors import UserError, exit_on_user_error
 from lib.evaluation import check_fold5, evaluate_sims, format_result, load_sims, save_sims, split_sims
 from lib.inference import load_for_inference
 from lib.precision import set_tf32
+from lib.writing import atomic_write
 
 
 def get_parser():
@@ -85,7 +86,7 @@ def main(argv=None):
     if opts.save_sims:
         save_sims(opts.save_sims, sims)
     if opts.json:
-        with open(opts.json, 'w') as f:
+        with atomic_write(opts.json, 'w') as f:
             json.dump({'results': results}, f, indent=2)
     return results
 

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import textwrap
 from types import SimpleNamespace
 
@@ -30,6 +29,7 @@ from lib.evaluation import encode_captions, encode_images
 from lib.images import image_list_path, list_images, read_image
 from lib.inference import build_model, checkpoint_args
 from lib.text_model import load_tokenizer
+from lib.writing import atomic_write, make_folders
 
 # contact sheet layout (pixels)
 MARGIN = 10
@@ -76,14 +76,12 @@ def read_cache(path, key):
 
 
 def write_cache(path, key, img_emb, cap_emb):
+    """The cache is an optimisation: a failed write is a warning, and leaves no file behind."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix='.search.', suffix='.tmp', dir=os.path.dirname(path))
-        with os.fdopen(fd, 'wb') as f:
+        with atomic_write(path, 'wb', what='the search cache') as f:
             np.savez(f, key=np.array(key), images=img_emb, captions=cap_emb)
-        os.replace(tmp, path)
-    except OSError as err:
-        info(f'warning: could not write the search cache {path} ({err.strerror or err}); '
-             'the next search encodes the gallery again')
+    except UserError as err:
+        info(f'warning: {err}; the next search encodes the gallery again')
 
 
 class Session:
@@ -196,12 +194,12 @@ def gallery_files(image_dir, precomp_folder, split, n_images):
 
 
 def write_sheet(path, sheet):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    make_folders(os.path.dirname(os.path.abspath(path)))
     ok, png = cv2.imencode('.png', sheet)
     if not ok:
         raise UserError(f'could not encode the contact sheet as PNG for {path}')
-    png.tofile(path)
+    with atomic_write(path, 'wb', what='the contact sheet') as f:
+        f.write(png.tobytes())
 
 
 # ----------------------------------------------------------------------------- main

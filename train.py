@@ -166,8 +166,14 @@ def last_checkpoint(model, args, env, state, optimizer, scheduler, scaler, write
         writer.flush()  # the events up to this step reach the disk before a checkpoint that keeps them
         ckpt = ckpt_lib.make_checkpoint(model, args, state.epoch if mid_epoch else state.epoch + 1, state.step,
                                         state.best_rsum, optimizer, scheduler, scaler, state.counters(), position)
-        ckpt_lib.save_atomic(ckpt, os.path.join(args.logger_name, run_folder.LAST))
+        ckpt_lib.save_atomic(ckpt, os.path.join(args.logger_name, run_folder.LAST), resume_advice(args.logger_name))
         return ckpt
+
+
+def resume_advice(folder):
+    """What to do after a failed save: continue from checkpoint_last.pth when there is one."""
+    last = os.path.join(folder, run_folder.LAST)
+    return f'continue with --resume {last} once the cause is fixed' if os.path.isfile(last) else None
 
 
 @exit_on_user_error
@@ -176,6 +182,8 @@ def main(argv=None):
     args, resume_ckpt = resolve_args(argv)
     env = init_distributed(args.device)
     check_args(args, env)
+    if env.is_main:  # before any data is read: a wrong --logger_name costs seconds, not an epoch
+        run_folder.check_run_folder(args.logger_name)
     args.device = str(env.device)
     if args.dataset == 'demo':
         if env.is_main:
@@ -285,7 +293,7 @@ def main(argv=None):
                 logger.info(f'epoch {epoch}: {args.val_split} rsum {rsum:.1f} (best {state.best_rsum:.1f})')
                 ckpt = last_checkpoint(model, args, env, state, optimizer, scheduler, scaler, writer, False)
                 if is_best:
-                    ckpt_lib.save_atomic(ckpt, os.path.join(folder, run_folder.BEST))
+                    ckpt_lib.save_atomic(ckpt, os.path.join(folder, run_folder.BEST), resume_advice(folder))
             schedule.saved()
             barrier(env)
             signum = all_max([stop.signum], env)[0]  # a signal during validation stops before the next epoch

@@ -16,11 +16,11 @@ import argparse
 import os
 import pickle
 import re
-import tempfile
 
 import torch
 
 from lib.errors import UserError
+from lib.writing import atomic_write
 
 FORMAT = 'hrem-ckpt/1'
 # Some transformers versions register this buffer in the state dict, others do not.
@@ -33,29 +33,12 @@ AUTHORS_OPT_DEFAULTS = {'no_imgnorm': False, 'no_txtnorm': False, 'multi_gpu': 0
                         'save_results': 1, 'gpu_id': 0, 'val_step': 500, 'norm_input': 1, 'cross_loss': 1}
 
 
-def save_atomic(obj, path):
+def save_atomic(obj, path, advice=None):
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`:
-    a crash mid-write leaves the previous file intact."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise UserError(f'could not write checkpoint {path}: {err.strerror or err} '
-                            '(disk full or not writable?); the previous checkpoint is untouched') from err
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    a crash mid-write leaves the previous file intact, a failed write (full disk, ...) raises a
+    UserError naming the file and the cause (lib.writing)."""
+    with atomic_write(path, 'wb', what='checkpoint', advice=advice) as f:
+        torch.save(obj, f)
 
 
 def read_raw(path):

@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from lib.writing import atomic_write, make_folders
+
 OBJECTS = ['dog', 'cat', 'horse', 'bird', 'man', 'woman', 'child', 'car', 'bicycle', 'boat', 'ball', 'umbrella']
 COLORS = ['red', 'blue', 'green', 'black', 'white', 'yellow', 'brown', 'orange']
 SCENES = ['beach', 'street', 'park', 'kitchen', 'field', 'forest', 'lake', 'snow']
@@ -65,7 +67,7 @@ def make_demo(folder, sizes=None):
     rng = np.random.default_rng(SEED)
     protos = (rng.standard_normal((len(OBJECTS), FEATURE_SIZE)), rng.standard_normal((len(COLORS), FEATURE_SIZE)),
               rng.standard_normal((len(SCENES), FEATURE_SIZE)))
-    os.makedirs(folder, exist_ok=True)
+    make_folders(folder, 'the demo data folder')
     for split, n in (sizes or SPLITS).items():
         feats = np.empty((n, N_REGIONS, FEATURE_SIZE), np.float32)
         caps = []
@@ -73,13 +75,11 @@ def make_demo(folder, sizes=None):
             scene, objects, colors = _image(rng)
             feats[i] = _regions(rng, protos, scene, objects, colors)
             caps += _captions(rng, scene, objects, colors)
-        # write then rename, so an interrupted first run never leaves half a dataset
-        tmp = os.path.join(folder, f'.{split}_ims.npy')
-        np.save(tmp, feats)
-        with open(os.path.join(folder, f'.{split}_caps.txt'), 'w') as f:
+        # each file written then renamed, so an interrupted first run never leaves half a file
+        with atomic_write(os.path.join(folder, f'{split}_ims.npy'), 'wb', what='the demo set') as f:
+            np.save(f, feats)
+        with atomic_write(os.path.join(folder, f'{split}_caps.txt'), 'w', what='the demo set') as f:
             f.write('\n'.join(caps) + '\n')
-        os.replace(tmp, os.path.join(folder, f'{split}_ims.npy'))
-        os.replace(os.path.join(folder, f'.{split}_caps.txt'), os.path.join(folder, f'{split}_caps.txt'))
     return folder
 
 

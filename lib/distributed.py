@@ -61,6 +61,29 @@ def pick_device(name=None, local_rank=0):
     return device
 
 
+# How long a collective waits for the other ranks before it fails. Rank 0 validates, tests and
+# saves alone while the others wait in a barrier, so this must exceed the longest validation plus
+# save (a few minutes for COCO's 5K test on one GPU). A rank that dies is noticed at once by gloo
+# (its TCP connections close); this bounds only a rank that hangs, or a launch without torchrun's
+# agent (srun starting every rank) where nothing else stops the waiting ranks.
+TIMEOUT_ENV = 'HREM_DIST_TIMEOUT'  # minutes
+DEFAULT_TIMEOUT_MIN = 30
+
+
+def collective_timeout():
+    value = os.environ.get(TIMEOUT_ENV, '')
+    if not value:
+        return datetime.timedelta(minutes=DEFAULT_TIMEOUT_MIN)
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = -1
+    if not minutes > 0:
+        raise UserError(f'{TIMEOUT_ENV}={value!r}: give the collective timeout in minutes (> 0), e.g. '
+                        f'{TIMEOUT_ENV}=120 when validating on rank 0 takes longer than {DEFAULT_TIMEOUT_MIN} minutes')
+    return datetime.timedelta(minutes=minutes)
+
+
 def init_distributed(device_name=None):
     """Set up the process group when launched by torchrun; return this process's DistEnv."""
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
@@ -71,9 +94,8 @@ def init_distributed(device_name=None):
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        # rank 0 validates and tests alone while the others wait: allow a long COCO evaluation
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
-                                rank=rank, world_size=world_size, timeout=datetime.timedelta(hours=2),
+                                rank=rank, world_size=world_size, timeout=collective_timeout(),
                                 **({'device_id': device} if device.type == 'cuda' else {}))
     return DistEnv(rank, world_size, local_rank, device)
 

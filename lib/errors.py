@@ -9,6 +9,8 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+# a rank that stops because another rank of a distributed run failed (that rank says why)
+EXIT_OTHER_RANK = 3
 
 # How a DataLoader reports a failure in a worker process: an exception raised there comes back
 # re-raised with this prefix and the worker's traceback as its message; a worker that died
@@ -34,14 +36,45 @@ def worker_failure_message(err):
     return None
 
 
+# How a collective reports a peer that is gone: gloo's TCP transport ('Connection closed by peer',
+# a reset or broken pipe), a timeout of the process group (gloo 'Timed out waiting ...ms', NCCL's
+# watchdog), or the rendezvous store of a rank that exited.
+_PEER_GONE = re.compile(r'Connection closed by peer|Connection reset by peer|Broken pipe|Connection refused|'
+                        r'Timed out waiting|collective operation timeout|NCCL communicator was aborted')
+
+
+def other_rank_failure_message(err):
+    """One line for a rank of a distributed run whose collective failed because another rank
+    stopped (crashed, was killed or raised its own error), else None."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    text = str(err).strip()
+    is_dist_error = isinstance(err, getattr(dist, 'DistError', ()))
+    if not (is_dist_error or (isinstance(err, RuntimeError) and _PEER_GONE.search(text))):
+        return None
+    detail = _PEER_GONE.search(text)
+    detail = detail.group(0) if detail else type(err).__name__
+    return (f'rank {dist.get_rank()} stopped: another rank failed or was stopped ({dist.get_backend()}: {detail}); '
+            'that rank\'s own message (or the launcher\'s) says why')
+
+
 def exit_on_user_error(main):
     """Decorator for entry points: print a UserError, or a DataLoader worker's failure, as one
-    line and exit with status 2."""
+    line and exit with status 2; a rank whose collective broke because another rank failed
+    prints one line saying so and exits with status 3."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - anything that is not the user's problem is re-raised
+            other = other_rank_failure_message(err)
+            if other is not None:
+                print(f'error: {other}', file=sys.stderr)
+                sys.exit(EXIT_OTHER_RANK)
             message = worker_failure_message(err)
             if message is None and isinstance(err, UserError):
                 message = str(err)

@@ -17,6 +17,7 @@ from lib.data import npy_header, pad_batch
 from lib.errors import UserError
 from lib.precision import autocast
 from lib.progress import progress
+from lib.writing import atomic_write
 
 RECALL_AT = (1, 5, 10)
 ROW_CHUNK = 1024  # rows ranked at a time: bounds the temporary boolean matrix
@@ -154,7 +155,7 @@ def save_sims(path, sims):
     """The authors' results_<dataset>.npy: np.save of the dict {'npts': N, 'sims': (N, 5N)} ((N, N) for
     one caption per image)."""
     sims = np.asarray(sims)
-    with open(path, 'wb') as f:
+    with atomic_write(path, 'wb', what='similarities') as f:
         np.save(f, {'npts': int(sims.shape[0]), 'sims': sims}, allow_pickle=True)
 
 

@@ -9,6 +9,7 @@ import os
 import sys
 
 from lib.errors import UserError
+from lib.writing import atomic_write, check_writable_folder, describe, write_failure
 
 OPTIONS = 'options.json'
 LOG = 'train.log'
@@ -17,8 +18,9 @@ BEST = 'model_best.pth'
 RESULTS = 'results.json'
 RUN_FILES = (OPTIONS, LOG, LAST, BEST, RESULTS)
 EVENTS_GLOB = 'events.out.tfevents.*'
-# also the run's own: TensorBoard events, the test similarities, temporary files of save_atomic
-RUN_GLOBS = (EVENTS_GLOB, 'results_*.npy', '.*.pth.*.tmp')
+# also the run's own: TensorBoard events, the test similarities, temporary files of
+# lib.writing.atomic_write (removed when a write fails; only a killed process leaves one)
+RUN_GLOBS = (EVENTS_GLOB, 'results_*.npy', '.*.pth.*.tmp', '.options.json.*.tmp', '.results*.tmp')
 
 
 def run_files(folder):
@@ -27,6 +29,15 @@ def run_files(folder):
     for pattern in RUN_GLOBS:
         found += glob.glob(os.path.join(glob.escape(folder), pattern))
     return [p for p in found if os.path.islink(p) or os.path.isfile(p)]
+
+
+def check_run_folder(folder):
+    """At start-up, before any data is read: the run folder can be created and written."""
+    if not folder or not folder.strip():
+        raise UserError('--logger_name is empty; give the folder the run should be written to')
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f'--logger_name {folder} is a file, not a folder')
+    check_writable_folder(folder, 'the run folder (--logger_name)')
 
 
 def prepare_run_folder(folder, resuming=False, overwrite=False):
@@ -49,13 +60,28 @@ def prepare_run_folder(folder, resuming=False, overwrite=False):
     if overwrite and not resuming:
         for path in existing:  # only what a run writes: other files in the folder stay
             os.unlink(path)
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise write_failure(folder, err, 'the run folder', kept=False) from err
     return folder
 
 
 def write_options(folder, args):
-    with open(os.path.join(folder, OPTIONS), 'w') as f:
+    with atomic_write(os.path.join(folder, OPTIONS), 'w') as f:
         json.dump(vars(args), f, indent=2, sort_keys=True)
+
+
+class LogFile(logging.FileHandler):
+    """train.log: a failed write (full disk) stops the run with one line, instead of logging's
+    '--- Logging error ---' traceback on every later message."""
+
+    def handleError(self, record):
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):
+            raise UserError(f'could not write {self.baseFilename}: {describe(err)}; the messages before this one '
+                            'are in it') from err
+        super().handleError(record)
 
 
 def setup_logger(folder=None, append=False, enabled=True):
@@ -71,7 +97,7 @@ def setup_logger(folder=None, append=False, enabled=True):
     console.setFormatter(fmt)
     logger.addHandler(console)
     if folder is not None and enabled:
-        handler = logging.FileHandler(os.path.join(folder, LOG), mode='a' if append else 'w')
+        handler = LogFile(os.path.join(folder, LOG), mode='a' if append else 'w')
         handler.setFormatter(fmt)
         logger.addHandler(handler)
     return logger
@@ -79,5 +105,5 @@ def setup_logger(folder=None, append=False, enabled=True):
 
 def write_results(folder, results, extra=None):
     doc = {'results': results, **(extra or {})}
-    with open(os.path.join(folder, RESULTS), 'w') as f:
+    with atomic_write(os.path.join(folder, RESULTS), 'w') as f:
         json.dump(doc, f, indent=2)

@@ -26,6 +26,7 @@ from tqdm import tqdm  # noqa: E402
 import arguments  # noqa: E402
 from lib.data import load_images  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
+from lib.writing import atomic_write, make_folders  # noqa: E402
 
 DTYPES = ('float16', 'float32')
 BLOCK_BYTES = 64 * 2**20  # source bytes converted at a time
@@ -54,33 +55,24 @@ def convert_array(src_path, dst_path, dtype):
     """Stream one (N, R, D) feature file into dst_path as dtype; atomic."""
     images = load_images(src_path)
     per_block = max(1, BLOCK_BYTES // (images[0].size * images.dtype.itemsize))
-    tmp = dst_path + '.partial'
-    try:
-        with open(tmp, 'wb') as f:
-            np.lib.format.write_array_header_1_0(
-                f, {'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)), 'fortran_order': False,
-                    'shape': images.shape})
-            name = os.path.basename(src_path)
-            for start in tqdm(range(0, len(images), per_block), desc=name, unit='block', dynamic_ncols=True):
-                block = np.asarray(images[start:start + per_block])
-                bad = out_of_range(block, dtype)
-                if bad is not None:
-                    raise UserError(f'{src_path}: image {start + bad[0]} holds {bad[1]:g}, beyond the range of '
-                                    f'{dtype} (|x| <= {np.finfo(dtype).max:g}); keep these features in float32 '
-                                    '(or rescale them before converting)')
-                f.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(dst_path, 'wb', what='converted features') as f:
+        np.lib.format.write_array_header_1_0(
+            f, {'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)), 'fortran_order': False,
+                'shape': images.shape})
+        name = os.path.basename(src_path)
+        for start in tqdm(range(0, len(images), per_block), desc=name, unit='block', dynamic_ncols=True):
+            block = np.asarray(images[start:start + per_block])
+            bad = out_of_range(block, dtype)
+            if bad is not None:
+                raise UserError(f'{src_path}: image {start + bad[0]} holds {bad[1]:g}, beyond the range of '
+                                f'{dtype} (|x| <= {np.finfo(dtype).max:g}); keep these features in float32 '
+                                '(or rescale them before converting)')
+            f.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
 
 
 def copy_atomic(src, dst):
-    tmp = dst + '.partial'
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with open(src, 'rb') as source, atomic_write(dst, 'wb') as f:
+        shutil.copyfileobj(source, f)
 
 
 @exit_on_user_error
@@ -98,7 +90,7 @@ def main(argv=None):
     existing = [t for t in targets if os.path.exists(t)]
     if existing and not args.overwrite:
         raise UserError(f'{existing[0]} already exists; choose another --out or pass --overwrite')
-    os.makedirs(dst, exist_ok=True)
+    make_folders(dst, 'the output folder')
     for path in arrays:
         convert_array(path, os.path.join(dst, os.path.basename(path)), args.dtype)
     for path in texts:

@@ -29,6 +29,7 @@ import arguments  # noqa: E402
 from lib.data import load_captions  # noqa: E402
 from lib.distributed import pick_device  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
+from lib.writing import make_folders, reported, reserve  # noqa: E402
 from lib.images import list_images, read_image  # noqa: E402
 
 CAPTIONS_PER_IMAGE = 5
@@ -108,6 +109,8 @@ def compact(path, keep_rows, shape):
     src = np.load(path, mmap_mode='r')
     dst_path = path + '.compact'
     dst = np.lib.format.open_memmap(dst_path, mode='w+', dtype=np.float32, shape=(keep_rows,) + shape)
+    with open(dst_path, 'r+b') as f:
+        reserve(f, os.path.getsize(dst_path))
     for start in range(0, keep_rows, COPY_CHUNK):
         end = min(start + COPY_CHUNK, keep_rows)
         dst[start:end] = src[start:end]
@@ -165,12 +168,15 @@ def main(argv=None):
                                          batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=collate, pin_memory=device.type == 'cuda')
     shape = (args.grid * args.grid, channels)
-    os.makedirs(args.out, exist_ok=True)
+    make_folders(args.out, 'the output folder')
     tmp = ims_path + '.partial'
     kept, skipped = [], []
     try:
-        # the array lives on disk: a large collection never needs to fit in RAM
-        feats = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=(len(names),) + shape)
+        with reported(ims_path, 'features'):  # the array's room is reserved: no SIGBUS later
+            # the array lives on disk: a large collection never needs to fit in RAM
+            feats = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=(len(names),) + shape)
+            with open(tmp, 'r+b') as f:
+                reserve(f, os.path.getsize(tmp))
         bar = tqdm(loader, desc=f'{args.backbone} on {device}', unit='batch', dynamic_ncols=True)
         with torch.inference_mode():
             for index, images, bad in bar:
@@ -188,18 +194,19 @@ def main(argv=None):
                 feats[len(kept):len(kept) + len(index)] = regions.float().cpu().numpy()
                 kept.extend(index)
                 bar.set_postfix(skipped=len(skipped))
-        feats.flush()
-        del feats
-        if not kept:
-            raise UserError(f'none of the {len(names)} images could be read; nothing was written')
-        if skipped:
-            compact(tmp, len(kept), shape)
-        kept_captions = [c for i in kept for c in captions[CAPTIONS_PER_IMAGE * i:CAPTIONS_PER_IMAGE * (i + 1)]]
-        for path, lines in ((caps_path, kept_captions), (list_path, [names[i] for i in kept])):
-            with open(path + '.partial', 'w', encoding='utf-8') as f:
-                f.write('\n'.join(lines) + '\n')
-        for path in (ims_path, caps_path, list_path):  # all three appear together, or none
-            os.replace(path + '.partial', path)
+        with reported(ims_path, 'features'):
+            feats.flush()
+            del feats
+            if not kept:
+                raise UserError(f'none of the {len(names)} images could be read; nothing was written')
+            if skipped:
+                compact(tmp, len(kept), shape)
+            kept_captions = [c for i in kept for c in captions[CAPTIONS_PER_IMAGE * i:CAPTIONS_PER_IMAGE * (i + 1)]]
+            for path, lines in ((caps_path, kept_captions), (list_path, [names[i] for i in kept])):
+                with open(path + '.partial', 'w', encoding='utf-8') as f:
+                    f.write('\n'.join(lines) + '\n')
+            for path in (ims_path, caps_path, list_path):  # all three appear together, or none
+                os.replace(path + '.partial', path)
     finally:
         for path in (ims_path, caps_path, list_path):
             for leftover in (path + '.partial', path + '.partial.compact'):

@@ -18,6 +18,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 import arguments  # noqa: E402
+from lib.errors import exit_on_user_error  # noqa: E402
+from lib.writing import atomic_write, make_folders  # noqa: E402
 
 COLORS = {'red': (40, 40, 220), 'green': (50, 170, 50), 'blue': (220, 80, 30), 'yellow': (30, 220, 240),
           'purple': (160, 40, 140), 'orange': (20, 130, 250)}  # BGR
@@ -54,21 +56,24 @@ def make_image(rng, color, shape, background):
 
 
 def make_split(folder, captions_path, rng, copies):
-    os.makedirs(folder, exist_ok=True)
+    make_folders(folder)
     pairs = [(c, s) for c in COLORS for s in SHAPES for _ in range(copies)]
     order = rng.permutation(len(pairs))
     captions = []
     for n, p in enumerate(order):
         color, shape = pairs[p]
         background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
-        cv2.imwrite(os.path.join(folder, f'{n:04d}.png'), make_image(rng, color, shape, background))
+        # cv2.imwrite reports a failed write (a full disk) only by returning False
+        with atomic_write(os.path.join(folder, f'{n:04d}.png'), 'wb', what='image') as f:
+            f.write(cv2.imencode('.png', make_image(rng, color, shape, background))[1].tobytes())
         article = 'an' if color[0] in 'aeiou' else 'a'
         captions += [t.format(a=article, c=color, s=shape, b=background) for t in TEMPLATES]
-    with open(captions_path, 'w', encoding='utf-8') as f:
+    with atomic_write(captions_path, 'w', encoding='utf-8') as f:
         f.write('\n'.join(captions) + '\n')
     return len(order)
 
 
+@exit_on_user_error
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=arguments.HelpFormatter)
     p.add_argument('--out', required=True, help='output folder')

@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 import arguments  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
+from lib.writing import save_figure  # noqa: E402
 from lib.run_folder import EVENTS_GLOB, OPTIONS  # noqa: E402
 
 LOSS_TAG, RSUM_TAG = 'train/loss', 'val/rsum'
@@ -133,8 +134,7 @@ def plot(runs, out, window=20, labels=None):
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out, dpi=100)
     plt.close(fig)
     return out
 

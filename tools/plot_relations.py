@@ -30,6 +30,7 @@ from lib import checkpoint as ckpt_lib  # noqa: E402
 from lib.data import PrecompSplit, pad_batch, split_files  # noqa: E402
 from lib.distributed import pick_device  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
+from lib.writing import save_figure  # noqa: E402
 from lib.inference import build_model  # noqa: E402
 from lib.text_model import load_tokenizer  # noqa: E402
 
@@ -223,8 +224,7 @@ def main(argv=None):
     fig = draw(graph, [split.captions[c] for c in captions], images, opts.examples, opts.k, files,
                '\n'.join(textwrap.wrap(title, 180)))
     out = opts.out or os.path.join(os.path.dirname(opts.checkpoint), 'relations.png')
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=80)
+    save_figure(fig, out, dpi=80)
     plt.close(fig)
     print(f'wrote {out}')
     return graph, images, captions

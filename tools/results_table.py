@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import arguments  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
+from lib.writing import save_figure  # noqa: E402
 from lib.run_folder import OPTIONS, RESULTS  # noqa: E402
 
 # results.json entries shown as rows: the whole split and COCO's 5-fold mean (not each fold)
@@ -204,8 +205,7 @@ def plot(runs, out, name='rsum'):
     if len(shown) > 1:
         ax.legend(ncol=2, loc='upper left')
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out, dpi=100)
     plt.close(fig)
     return out
 
