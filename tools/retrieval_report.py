@@ -277,7 +277,7 @@ ol.caps li.truth::marker { content: "\2713  "; }
     <option value="gain" data-compare>largest gain of B first</option>
     <option value="loss" data-compare>largest loss of B first</option></select></label>
   <input type="search" id="search" placeholder="filter queries by text">
-  <label>per page <select id="pagesize"><option>25</option><option selected>50</option><option>100</option></select></label>
+  <label>per page <select id="pagesize"><option value="25">25</option><option value="50" selected>50</option><option value="100">100</option></select></label>
 </div>
 <div class="pager"><button id="prev">&larr; previous</button> <span id="status"></span> <button id="next">next &rarr;</button></div>
 <div id="results"></div>
@@ -570,10 +570,7 @@ def main(argv=None):
             'n_images': int(n_images), 'n_captions': int(n_captions), 'per_image': analyses[0]['per_image'],
             'k': int(analyses[0]['t2i_top'].shape[1]), 'sources': sources,
             'created': time.strftime('%Y-%m-%d %H:%M:%S')}
-    if opts.out:
-        page = write_report(opts.out, meta, analyses, labels, captions, files)
-        info(f'wrote {page} ({folder_size(opts.out) / 1e6:.1f} MB in {opts.out})')
-    if opts.figure:
+    if opts.figure:  # checked before anything is written
         text_q, image_q = default_queries(n_images, analyses[0]['per_image'])
         text_q = text_q if opts.queries is None else opts.queries
         image_q = image_q if opts.image_queries is None else opts.image_queries
@@ -585,6 +582,10 @@ def main(argv=None):
                 raise UserError(f'--image_queries {i} is not an image of the split (0 .. {n_images - 1})')
         if not text_q and not image_q:
             raise UserError('the figure has no queries: give --queries or --image_queries')
+    if opts.out:
+        page = write_report(opts.out, meta, analyses, labels, captions, files)
+        info(f'wrote {page} ({folder_size(opts.out) / 1e6:.1f} MB in {opts.out})')
+    if opts.figure:
         draw_figure(opts.figure, analyses[0], captions, files, text_q, image_q, opts.k)
         info(f'wrote {opts.figure}')
     return {'analyses': analyses, 'labels': labels, 'meta': meta, 'captions': captions}
