@@ -242,11 +242,11 @@ table.metrics tr.diff td { font-weight: bold; }
 .cell { width: 132px; border: 3px solid transparent; padding: 2px; font-size: 12px; }
 .cell img { width: 128px; height: 128px; display: block; }
 .cell.truth { border-color: #1a9c3a; background: #eefbf0; }
+.cell.truthref { border: 3px dashed #1a9c3a; margin-left: 14px; opacity: 0.85; }
 .cell .cap { color: #444; overflow: hidden; display: -webkit-box; -webkit-line-clamp: 4; -webkit-box-orient: vertical; }
 .cell .lbl { color: #666; }
 ol.caps { margin: 2px 0 2px 0; padding-left: 28px; }
 ol.caps li.truth { color: #137a2a; font-weight: bold; }
-ol.caps li.truth::marker { content: "\2713  "; }
 .qimg { float: left; margin-right: 12px; }
 .qimg img { width: 128px; height: 128px; }
 .i2t .query { overflow: auto; }
@@ -358,6 +358,14 @@ ol.caps li.truth::marker { content: "\2713  "; }
     for (m = 0; m < NM; m++) {
       s += '<div class="tops" data-model="' + m + '">' + (NM > 1 ? '<span class="model">' + labels[m] + '</span>' : '');
       for (var j = 0; j < K; j++) s += imageCell(R.t2i.top[m][q * K + j], R.t2i.score[m][q * K + j], j, truth);
+      var rank = R.t2i.rank[m][q] + 1;
+      if (rank > K) {  // the truth, for reference, after the top k
+        s += '<div class="cell truthref" data-truth-image="' + truth + '" title="' + esc(R.captions.slice(truth * P, truth * P + P).join('\n')) + '">';
+        if (R.thumbs) s += '<img loading="lazy" src="thumbs/' + R.thumbs[truth] + '" alt="image ' + truth + '">';
+        s += '<div class="lbl">the truth: image ' + truth + ', rank ' + rank + '</div>';
+        if (!R.thumbs) s += '<div class="cap">' + esc(R.captions[truth * P]) + '</div>';
+        s += '</div>';
+      }
       s += '</div>';
     }
     return s + '</div>';
@@ -373,7 +381,7 @@ ol.caps li.truth::marker { content: "\2713  "; }
       s += '<div class="tops" data-model="' + m + '">' + (NM > 1 ? '<span class="model">' + labels[m] + '</span>' : '') + '<ol class="caps">';
       for (var j = 0; j < K; j++) {
         var c = R.i2t.top[m][q * K + j], ok = Math.floor(c / P) === q;
-        s += '<li class="' + (ok ? 'truth' : '') + '" data-caption="' + c + '">' + esc(R.captions[c]) +
+        s += '<li class="' + (ok ? 'truth' : '') + '" data-caption="' + c + '">' + (ok ? '&#10003; ' : '') + esc(R.captions[c]) +
              ' <span class="lbl">(caption ' + c + ', image ' + Math.floor(c / P) + ', ' + R.i2t.score[m][q * K + j].toFixed(3) + ')</span></li>';
       }
       s += '</ol></div>';
