@@ -403,6 +403,10 @@ ol.caps li.truth { color: #137a2a; font-weight: bold; }
     $('prev').disabled = $('prev2').disabled = st.page === 0;
     $('next').disabled = $('next2').disabled = st.page >= pages - 1;
     window.REPORT_RENDER_MS = performance.now() - t0;
+    if (window.REPORT_FIRST_PAGE_MS === undefined) {  // since the navigation's start
+      window.REPORT_FIRST_PAGE_MS = performance.now();
+      requestAnimationFrame(function () { setTimeout(function () { window.REPORT_FIRST_PAINT_MS = performance.now(); }, 0); });
+    }
     document.body.dataset.rendered = (+document.body.dataset.rendered || 0) + 1;
   }
   function set(k, v) { st[k] = v; if (k !== 'page') st.page = 0; render(); }
