@@ -33,6 +33,7 @@ import arguments  # noqa: E402
 from lib import checkpoint as ckpt_lib  # noqa: E402
 from lib.data import load_captions, split_files  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
+from lib.images import read_image  # noqa: E402
 from lib.evaluation import RECALL_AT, check_sims_shape, evaluate_sims, i2t_ranks, load_sims, t2i_ranks  # noqa: E402
 from lib.inference import checkpoint_args  # noqa: E402
 
@@ -449,12 +450,21 @@ def draw_figure(path, a, captions, files, queries, image_queries, k):
     cell = 1.45  # inches per thumbnail
     text_rows, image_rows = len(queries), len(image_queries)
     width = max(k * cell + 0.2, 8.0)
-    heights = [cell + 0.55] * text_rows + [max(cell, 0.3 * k + 0.3) + 0.35] * image_rows
+    heights = [cell + 0.6] * text_rows + [max(cell, 0.3 * k) + 0.35] * image_rows
     fig = plt.figure(figsize=(width, sum(heights) + 0.1))
     total, y = sum(heights) + 0.1, sum(heights) + 0.1
 
     def thumb(i):
-        return cv2.cvtColor(letterbox(files[i], FIGURE_THUMB), cv2.COLOR_BGR2RGB) if files else None
+        if not files:
+            return None
+        image = read_image(files[i])
+        if image is None:
+            return cv2.cvtColor(letterbox(files[i], FIGURE_THUMB), cv2.COLOR_BGR2RGB)  # the grey stand-in
+        h, w = image.shape[:2]  # the centre square: no bars in a figure
+        side = min(h, w)
+        image = image[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+        return cv2.cvtColor(cv2.resize(image, (FIGURE_THUMB, FIGURE_THUMB), interpolation=cv2.INTER_AREA),
+                            cv2.COLOR_BGR2RGB)
 
     def image_axes(left, bottom, size, i, framed, label):
         ax = fig.add_axes([left / width, bottom / total, size / width, size / total])
@@ -478,14 +488,15 @@ def draw_figure(path, a, captions, files, queries, image_queries, k):
     for q in queries:
         y -= heights.pop(0)
         truth, rank = q // per_image, int(a['t2i_rank'][q]) + 1
-        where = f'the truth at rank {rank}' if rank > k else f'the truth at rank {rank} (framed)'
-        fig.text(0.1 / width, (y + cell + 0.45) / total, f'"{captions[q]}"', fontsize=10, va='top', fontweight='bold')
-        fig.text(0.1 / width, (y + cell + 0.22) / total, where, fontsize=8, va='top', color='#555555')
+        where = f'the truth at rank {rank}' + (' (framed)' if rank <= k else '')
+        fig.text(0.1 / width, (y + cell + 0.5) / total, f'"{captions[q]}"', fontsize=10, va='top', fontweight='bold')
+        fig.text((width - 0.1) / width, (y + cell + 0.5) / total, where, fontsize=8, va='top', ha='right',
+                 color='#1a9c3a' if rank <= k else '#b3261e')
         gap = (width - 0.2 - k * cell) / max(k - 1, 1) if k > 1 else 0
         for j in range(k):
             i = int(a['t2i_top'][q, j])
             image_axes(0.1 + j * (cell + min(gap, 0.15)), y + 0.2, cell - 0.08, i, i == truth,
-                       f'{j + 1}. ({a["t2i_score"][q, j]:.2f})')
+                       f'{j + 1}  ·  {a["t2i_score"][q, j]:.3f}')
     for i in image_queries:
         h = heights.pop(0)
         y -= h
