@@ -4,7 +4,7 @@
     python tools/retrieval_report.py --checkpoint A.pth --compare B.pth --out report/
     python tools/retrieval_report.py --sims results_coco.npy --captions data/coco_precomp/testall_caps.txt --out report/
     python tools/retrieval_report.py --checkpoint runs/shapes/model_best.pth --image_dir data/shapes_images/test \\
-        --figure imgs/retrieval.png --queries 0 35 70 --image_queries
+        --figure imgs/retrieval.png --queries 70 112 0 106 --image_queries
 
 <out>/index.html opens from disk in any browser, with no server and no network: a summary
 (R@K, medr, meanr, rsum, as eval.py computes them; with --compare both models and B - A), then
