@@ -248,9 +248,8 @@ table.metrics tr.diff td { font-weight: bold; }
 .cell .lbl { color: #666; }
 ol.caps { margin: 2px 0 2px 0; padding-left: 28px; }
 ol.caps li.truth { color: #137a2a; font-weight: bold; }
-.qimg { float: left; margin-right: 12px; }
-.qimg img { width: 128px; height: 128px; }
-.i2t .query { overflow: auto; }
+.qimg img { width: 128px; height: 128px; display: block; }
+.i2t .query { display: flex; gap: 12px; align-items: flex-start; }
 .own { color: #666; font-size: 12px; }
 .pager { margin: 10px 0; }
 #status { color: #555; }
@@ -374,7 +373,7 @@ ol.caps li.truth { color: #137a2a; font-weight: bold; }
   function renderI2T(q) {
     var s = '<div class="query" data-query="' + q + '" data-truth="' + q + '">';
     if (R.thumbs) s += '<div class="qimg"><img src="thumbs/' + R.thumbs[q] + '" alt="image ' + q + '"></div>';
-    s += '<div class="qhead"><span class="qid">image ' + q + '</span>';
+    s += '<div class="qbody"><div class="qhead"><span class="qid">image ' + q + '</span>';
     for (var m = 0; m < NM; m++) s += rankBadge('i2t', q, m);
     s += change('i2t', q) + '</div><details class="own"><summary>its captions</summary>' +
          esc(R.captions.slice(q * P, q * P + P).join(' | ')) + '</details>';
@@ -387,7 +386,7 @@ ol.caps li.truth { color: #137a2a; font-weight: bold; }
       }
       s += '</ol></div>';
     }
-    return s + '</div>';
+    return s + '</div></div>';
   }
   function render() {
     var t0 = performance.now(), qs = selected(), pages = Math.max(1, Math.ceil(qs.length / st.size));
