@@ -339,8 +339,16 @@ def test_checkpoints_report_eval_py_s_numbers(tmp_path, capsys):
 def test_figure_png_and_vector_pdf(files, tmp_path):
     root, _, paths, caps, _ = files
     png, pdf = tmp_path / 'fig.png', tmp_path / 'fig.pdf'
-    retrieval_report.main(['--sims', paths['a'], '--captions', caps, '--figure', str(png), '--queries', '0', '12',
-                           '--image_queries', '3'])
+    sims = files[1]['a']
+    drawn = retrieval_report.main(['--sims', paths['a'], '--captions', caps, '--figure', str(png), '--queries', '0',
+                                   '12', '--image_queries', '3'])['figure']
+    assert [d[:2] for d in drawn] == [('caption', 0), ('caption', 12), ('image', 3)]
+    for kind, q, items, marked in drawn:  # against the ranking computed here
+        if kind == 'caption':
+            assert items == top(sims[:, q]) and marked == [i for i in items if i == q // PER_IMAGE]
+        else:
+            assert items == top(sims[q]) and marked == [c for c in items if c // PER_IMAGE == q]
+    assert any(marked for *_, marked in drawn)
     image = cv2.imread(str(png))
     assert image is not None and image.shape[1] <= 1600
     # the truth frame is drawn in green (#1a9c3a): present where a truth is in the top k

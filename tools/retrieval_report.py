@@ -484,6 +484,7 @@ def draw_figure(path, a, captions, files, queries, image_queries, k):
                       fontweight='bold' if framed else 'normal')
         return ax
 
+    drawn = []  # (kind, query, items shown, items marked right)
     for q in queries:
         y -= heights.pop(0)
         truth, rank = q // per_image, int(a['t2i_rank'][q]) + 1
@@ -492,24 +493,32 @@ def draw_figure(path, a, captions, files, queries, image_queries, k):
         fig.text((width - 0.1) / width, (y + cell + 0.5) / total, where, fontsize=8, va='top', ha='right',
                  color='#1a9c3a' if rank <= k else '#b3261e')
         gap = (width - 0.2 - k * cell) / max(k - 1, 1) if k > 1 else 0
+        drawn.append(('caption', q, [int(i) for i in a['t2i_top'][q, :k]], []))
         for j in range(k):
             i = int(a['t2i_top'][q, j])
-            image_axes(0.1 + j * (cell + min(gap, 0.15)), y + 0.2, cell - 0.08, i, i == truth,
+            framed = i == truth
+            if framed:  # what is recorded is what is drawn
+                drawn[-1][3].append(i)
+            image_axes(0.1 + j * (cell + min(gap, 0.15)), y + 0.2, cell - 0.08, i, framed,
                        f'{j + 1}  ·  {a["t2i_score"][q, j]:.3f}')
     for i in image_queries:
         h = heights.pop(0)
         y -= h
         image_axes(0.1, y + h - cell - 0.15, cell - 0.08, i, False, f'image {i}: truth at rank {int(a["i2t_rank"][i]) + 1}')
         x0 = 0.1 + cell + 0.15
+        drawn.append(('image', i, [int(c) for c in a['i2t_top'][i, :k]], []))
         for j in range(k):
             c = int(a['i2t_top'][i, j])
             ok = c // per_image == i
+            if ok:
+                drawn[-1][3].append(c)
             line = '\n'.join(textwrap.wrap(captions[c], int((width - x0) * 13)))[:200]
             fig.text(x0 / width, (y + h - 0.2 - 0.3 * j) / total, f'{"✓" if ok else "✗"} {j + 1}. {line.splitlines()[0]}',
                      fontsize=9, va='top', color='#137a2a' if ok else '#444444', fontweight='bold' if ok else 'normal')
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=200 if path.lower().endswith('.png') else None)
     plt.close(fig)
+    return drawn
 
 
 # ----------------------------------------------------------------------------- main
@@ -608,9 +617,9 @@ def main(argv=None):
         page = write_report(opts.out, meta, analyses, labels, captions, files)
         info(f'wrote {page} ({folder_size(opts.out) / 1e6:.1f} MB in {opts.out})')
     if opts.figure:
-        draw_figure(opts.figure, analyses[0], captions, files, text_q, image_q, opts.k)
+        figure = draw_figure(opts.figure, analyses[0], captions, files, text_q, image_q, opts.k)
         info(f'wrote {opts.figure}')
-    return {'analyses': analyses, 'labels': labels, 'meta': meta, 'captions': captions}
+    return {'figure': figure if opts.figure else None, 'analyses': analyses, 'labels': labels, 'meta': meta, 'captions': captions}
 
 
 if __name__ == '__main__':
