@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+import arguments  # noqa: E402
 from tools import retrieval_report as rr  # noqa: E402
 
 WORDS = ('a man woman dog cat plate of food on a table next to the street with two people riding bikes in '
@@ -37,11 +38,11 @@ def coco_like(n_images=5000, per_image=5, seed=0):
     return sims, captions
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=arguments.HelpFormatter)
     p.add_argument('--out', default=os.path.join(tempfile.gettempdir(), 'coco_sized_report'), help='report folder')
     p.add_argument('--runs', type=int, default=5, help='page loads timed')
-    args = p.parse_args()
+    args = p.parse_args(argv)
     t0 = time.time()
     sims, captions = coco_like()
     a = rr.analyse(sims, 5)

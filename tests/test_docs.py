@@ -15,13 +15,9 @@ import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = [os.path.join(ROOT, 'README.md')] + sorted(glob.glob(os.path.join(ROOT, 'docs', '*.md')))
-SCRIPTS = {'train.py': 'train', 'eval.py': 'eval', 'search.py': 'search', 'bench/bench.py': 'bench.bench',
-           **{f'tools/{os.path.basename(p)}': f'tools.{os.path.basename(p)[:-3]}'
-              for p in sorted(glob.glob(os.path.join(ROOT, 'tools', '*.py')))}}
-# Files that other work in progress adds (issue 20: the README's top figure and its report page).
-# Tolerated only while absent; the integrator drops these once they are merged.
-NOT_YET_MERGED = {'imgs/retrieval.png', 'docs/retrieval_report.md'}
-
+SCRIPTS = {'train.py': 'train', 'eval.py': 'eval', 'search.py': 'search',
+           **{f'{folder}/{os.path.basename(p)}': f'{folder}.{os.path.basename(p)[:-3]}'
+              for folder in ('tools', 'bench') for p in sorted(glob.glob(os.path.join(ROOT, folder, '*.py')))}}
 LINK = re.compile(r'!?\[[^\]]*\]\(([^)\s]+)\)')
 FENCE = re.compile(r'^```[^\n]*\n(.*?)^```', re.S | re.M)
 INLINE = re.compile(r'`([^`\n]+)`')
@@ -62,8 +58,7 @@ def test_relative_links_and_anchors_resolve(page):
         file_part, _, anchor = target.partition('#')
         path = os.path.normpath(os.path.join(os.path.dirname(page), file_part)) if file_part else page
         if not os.path.exists(path):
-            if rel(path) not in NOT_YET_MERGED:
-                broken.append(f'{target}: no file {rel(path)}')
+            broken.append(f'{target}: no file {rel(path)}')
             continue
         if anchor and path.endswith('.md') and anchor not in anchors(path):
             broken.append(f'{target}: no heading with anchor #{anchor} in {rel(path)}')

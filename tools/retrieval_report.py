@@ -524,7 +524,7 @@ def draw_figure(path, a, captions, files, queries, image_queries, k):
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=arguments.HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument('--checkpoint', help="model_best.pth of a run (ours or the authors'); similarities as eval.py "
                                           'computes them')
