@@ -88,11 +88,11 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fns, device, repeat):
+def timed(fns, device, repeat, warmup=True):
     """Median seconds of each named function; the functions alternate (order reversed every
-    round), so that a busy machine slows them alike."""
+    round), so that a busy machine slows them alike. warmup=False: the caller ran each once."""
     times = {name: [] for name in fns}
-    for fn in fns.values():
+    for fn in fns.values() if warmup else ():
         fn()  # warm-up
     for r in range(repeat):
         for name, fn in (list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]):
@@ -403,7 +403,7 @@ def measure_precision(o, device):
         first[name] = (loss, time.perf_counter() - tick)
         peak = peak_since_reset(device)
         memory[name] = {'peak_mb': peak, 'step_adds_mb': peak - before}
-    medians, times = timed(steps, device, o.repeat)
+    medians, times = timed(steps, device, o.repeat, warmup=False)  # the first steps warmed up
     loss32, loss16 = first['fp32'][0], first['bf16'][0]
     return {'step_s': medians, 'times': times, 'bf16_over_fp32': medians['bf16'] / medians['fp32'],
             'samples_per_s': {k: o.batch_size / v for k, v in medians.items()},
