@@ -406,11 +406,18 @@ def measure_precision(o, device):
     medians, times = timed(steps, device, o.repeat, warmup=False)  # the first steps warmed up
     loss32, loss16 = first['fp32'][0], first['bf16'][0]
     return {'step_s': medians, 'times': times, 'bf16_over_fp32': medians['bf16'] / medians['fp32'],
+            'bf16_over_fp32_paired': paired_ratio(times),
             'samples_per_s': {k: o.batch_size / v for k, v in medians.items()},
             'first_step_s': {k: v[1] for k, v in first.items()}, 'first_loss': {k: v[0] for k, v in first.items()},
             'loss_rel_diff': abs(loss16 - loss32) / abs(loss32), 'memory': memory, 'text_model': o.text,
             'bf16_support': bf16_support(device),
             'sizes': {k: getattr(o, k) for k in ('batch_size', 'embed_size', 'regions', 'tokens', 'img_dim')}}
+
+
+def paired_ratio(times):
+    """Median over rounds of bf16 / fp32 within each round: the two runs of a round are next to each
+    other in time, so a load that changes between rounds cancels better than in the ratio of medians."""
+    return float(np.median(np.array(times['bf16']) / np.array(times['fp32'])))
 
 
 def synthetic_split(o, n_images, seed=0):
@@ -453,6 +460,7 @@ def measure_precision_eval(o, device):
     medians, times = timed({p: encode(p) for p in ('fp32', 'bf16')}, device, o.repeat)
     results = {p: evaluate_sims(s)[0] for p, s in sims.items()}
     return {'encode_s': medians, 'times': times, 'bf16_over_fp32': medians['bf16'] / medians['fp32'],
+            'bf16_over_fp32_paired': paired_ratio(times),
             'rsum': {p: r['rsum'] for p, r in results.items()},
             'recalls': {p: [r[side][f'r{k}'] for side in ('i2t', 't2i') for k in (1, 5, 10)] for p, r in results.items()},
             'sims_max_abs_diff': float(np.abs(sims['fp32'] - sims['bf16']).max()),
