@@ -212,7 +212,7 @@ def main(argv=None):
     logger.info(f'run folder {folder}; device {env.device} x {env.world_size} process(es); precision {args.precision}')
     if bf16_warning(env.device, args.precision):
         logger.warning(bf16_warning(env.device, args.precision))
-    for note in {s.cache_note for s in (train_split, val_split, test_split) if s.cache_note}:
+    for note in dict.fromkeys(s.cache_note for s in (train_split, val_split, test_split) if s.cache_note):
         logger.info(note)
     logger.info(f'train: {train_split.n_images} images, {len(train_split.captions)} captions; '
                 f'{args.val_split}: {val_split.n_images} images, {len(val_split.captions)} captions')
