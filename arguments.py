@@ -81,7 +81,15 @@ def add_data_args(parser):
                    help='text model: a local folder (config.json, vocab.txt, weights) or a hub name')
     g.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
                    help='DataLoader worker processes for training')
+    add_cache_arg(g)
     return g
+
+
+def add_cache_arg(group):
+    group.add_argument('--cache_dir', default=None,
+                       help='folder of the token cache (tokenised captions of splits of 20,000 captions or more, '
+                            're-tokenised only when the caption file or the tokenizer changes); by default '
+                            '$XDG_CACHE_HOME/hrem/tokens or ~/.cache/hrem/tokens; none: no cache')
 
 
 def add_model_args(parser):

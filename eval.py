@@ -18,7 +18,8 @@ from lib.distributed import pick_device
 from lib.errors import UserError, exit_on_user_error
 from lib.evaluation import check_fold5, evaluate_sims, format_result, load_sims, save_sims, split_sims
 from lib.inference import load_for_inference
-from lib.precision import set_tf32
+from lib.precision import bf16_warning, set_tf32
+from lib.token_cache import resolve_cache_dir
 from lib.writing import atomic_write
 
 
@@ -38,6 +39,7 @@ def get_parser():
     p.add_argument('--batch_size', type=int, default=128, help='encoding batch size')
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'],
                    help='autocast precision of the encoders; ranking stays in fp32')
+    arguments.add_cache_arg(p)
     p.add_argument('--tf32', action='store_true', help='CUDA only: fp32 matrix products in TF32 (docs/precision_and_speed.md)')
     return p
 
@@ -45,6 +47,8 @@ def get_parser():
 def checkpoint_sims(opts):
     device = pick_device(opts.device)
     set_tf32(device, opts.tf32)
+    if bf16_warning(device, opts.precision):
+        print(f'warning: {bf16_warning(device, opts.precision)}', file=sys.stderr)
     all_sims, splits = [], {}
     for path in opts.checkpoint:
         model, args, tokenizer = load_for_inference(path, device, opts.bert_path)
@@ -53,7 +57,10 @@ def checkpoint_sims(opts):
         split_name = opts.split or arguments.test_split_of(dataset)
         key = (data_path, dataset, split_name, args.bert_path)
         if key not in splits:  # captions are tokenised once per text model
-            splits[key] = PrecompSplit(data_path, dataset, split_name, tokenizer, show_progress=True)
+            splits[key] = PrecompSplit(data_path, dataset, split_name, tokenizer, show_progress=True,
+                                       cache_dir=resolve_cache_dir(opts.cache_dir))
+            if splits[key].cache_note:
+                print(splits[key].cache_note, file=sys.stderr)
             if opts.fold5:  # before any encoding
                 check_fold5(splits[key].n_images, splits[key].ims_path)
             splits[key].check_finite()

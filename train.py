@@ -25,17 +25,18 @@ from lib.engine import TrainState, train_one_epoch, unwrap, validate
 from lib.errors import UserError, exit_on_user_error
 from lib.evaluation import evaluate_sims, format_result, save_sims
 from lib.model import HREM, build_optimizer
-from lib.precision import check_precision, grad_scaler, set_tf32
+from lib.precision import bf16_warning, check_precision, grad_scaler, set_tf32
 from lib.resume import (CheckpointSchedule, OffsetSampler, StopSignals, ignore_stop_signals,
                         rng_state)
 from lib.text_model import load_text_backbone, load_tokenizer
+from lib.token_cache import resolve_cache_dir
 
 logger = logging.getLogger('hrem')
 
 # Options a resumed run may change; everything else is taken from the checkpoint.
 RESUME_OVERRIDES = ('device', 'workers', 'resume', 'max_steps', 'num_epochs', 'log_step', 'eval_batch_size',
                     'data_path', 'bert_path', 'max_nonfinite', 'checkpoint_every', 'checkpoint_minutes', 'compile',
-                    'tf32')
+                    'tf32', 'cache_dir')
 
 
 def seed_all(seed):
@@ -193,7 +194,8 @@ def main(argv=None):
     # cheap checks of every input first: nothing is created or built when one fails
     tokenizer = load_tokenizer(args.bert_path)
     train_split, val_split, test_split = (
-        PrecompSplit(args.data_path, args.dataset, name, tokenizer, show_progress=env.is_main)
+        PrecompSplit(args.data_path, args.dataset, name, tokenizer, show_progress=env.is_main,
+                     cache_dir=resolve_cache_dir(getattr(args, 'cache_dir', None)))
         for name in ('train', args.val_split, arguments.test_split_of(args.dataset)))
     check_feature_sizes([train_split, val_split, test_split])
     for split in (val_split, test_split):
@@ -216,6 +218,10 @@ def main(argv=None):
     barrier(env)
     run_folder.setup_logger(folder, append=resume_ckpt is not None, enabled=env.is_main)
     logger.info(f'run folder {folder}; device {env.device} x {env.world_size} process(es); precision {args.precision}')
+    if bf16_warning(env.device, args.precision):
+        logger.warning(bf16_warning(env.device, args.precision))
+    for note in dict.fromkeys(s.cache_note for s in (train_split, val_split, test_split) if s.cache_note):
+        logger.info(note)
     logger.info(f'train: {train_split.n_images} images, {len(train_split.captions)} captions; '
                 f'{args.val_split}: {val_split.n_images} images, {len(val_split.captions)} captions')
 

@@ -88,11 +88,11 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fns, device, repeat):
+def timed(fns, device, repeat, warmup=True):
     """Median seconds of each named function; the functions alternate (order reversed every
-    round), so that a busy machine slows them alike."""
+    round), so that a busy machine slows them alike. warmup=False: the caller ran each once."""
     times = {name: [] for name in fns}
-    for fn in fns.values():
+    for fn in fns.values() if warmup else ():
         fn()  # warm-up
     for r in range(repeat):
         for name, fn in (list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]):
@@ -352,8 +352,127 @@ def measure_checkpoint(o, device):
             'parameters_m': sum(p.numel() for p in model.parameters()) / 1e6}
 
 
+def rss_mb():
+    """(current, peak) resident set size of this process in MB (Linux /proc/self/status)."""
+    with open('/proc/self/status') as f:
+        fields = {k: int(v.split()[0]) for k, v in (line.split(':', 1) for line in f) if k in ('VmRSS', 'VmHWM')}
+    return fields['VmRSS'] / 1024, fields['VmHWM'] / 1024
+
+
+def reset_peak_memory(device):
+    """Start a new peak: CUDA's max allocated, or the peak RSS (VmHWM; Linux resets it when "5" is
+    written to /proc/self/clear_refs)."""
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
+    return rss_mb()[0]
+
+
+def peak_since_reset(device):
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == 'cuda' else rss_mb()[1]
+
+
+def measure_precision(o, device):
+    """The training step in fp32 and in bf16 (--precision): two copies of one model (same
+    weights), the same batch, stepped alternately in this process. The first step of each starts
+    from the same weights and random seed (dropout masks and the trip loss's negatives are then the
+    same), so their losses must agree to bf16's rounding. Memory: the peak of each copy's first
+    step (CUDA max allocated, or the peak RSS with both copies resident) and what the step adds."""
+    import copy
+    from lib.model import build_optimizer
+    from lib.precision import bf16_support
+    fp32, args, fp32_opt = build_model(o, device)
+    bf16 = copy.deepcopy(fp32)
+    bf16_opt = build_optimizer(bf16, args)[0]
+    batch = random_batch(o, device)
+    steps = {'fp32': training_step(fp32, args, fp32_opt, batch, device, 'fp32'),
+             'bf16': training_step(bf16, args, bf16_opt, batch, device, 'bf16')}
+    first, memory = {}, {}
+    for name, step in steps.items():
+        torch.manual_seed(0)  # dropout and the trip loss's negatives
+        sync(device)
+        before = reset_peak_memory(device)
+        tick = time.perf_counter()
+        loss = float(step())
+        sync(device)
+        first[name] = (loss, time.perf_counter() - tick)
+        peak = peak_since_reset(device)
+        memory[name] = {'peak_mb': peak, 'step_adds_mb': peak - before}
+    medians, times = timed(steps, device, o.repeat, warmup=False)  # the first steps warmed up
+    loss32, loss16 = first['fp32'][0], first['bf16'][0]
+    return {'step_s': medians, 'times': times, 'bf16_over_fp32': medians['bf16'] / medians['fp32'],
+            'bf16_over_fp32_paired': paired_ratio(times),
+            'samples_per_s': {k: o.batch_size / v for k, v in medians.items()},
+            'first_step_s': {k: v[1] for k, v in first.items()}, 'first_loss': {k: v[0] for k, v in first.items()},
+            'loss_rel_diff': abs(loss16 - loss32) / abs(loss32), 'memory': memory, 'text_model': o.text,
+            'bf16_support': bf16_support(device),
+            'sizes': {k: getattr(o, k) for k in ('batch_size', 'embed_size', 'regions', 'tokens', 'img_dim')}}
+
+
+def paired_ratio(times):
+    """Median over rounds of bf16 / fp32 within each round: the two runs of a round are next to each
+    other in time, so a load that changes between rounds cancels better than in the ratio of medians."""
+    return float(np.median(np.array(times['bf16']) / np.array(times['fp32'])))
+
+
+def synthetic_split(o, n_images, seed=0):
+    """A split of random region features and random captions (5 per image, 8 to --tokens pieces)
+    in the shape lib.evaluation.split_sims reads."""
+    from types import SimpleNamespace
+    from lib.data import TokenizedCaptions
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(6, o.tokens - 1, 5 * n_images)
+    ids = rng.integers(1000, 30000, int(lengths.sum())).astype(np.int32)
+    offsets = np.concatenate(([0], np.cumsum(lengths)))
+    word_index = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
+    text = SimpleNamespace(encode=lambda pieces, words: np.concatenate(([101], pieces, [102])).astype(np.int64))
+    return SimpleNamespace(images=rng.random((n_images, o.regions, o.img_dim), dtype=np.float32),
+                           tokens=TokenizedCaptions(ids, word_index, offsets), text=text, n_images=n_images)
+
+
+def measure_precision_eval(o, device):
+    """Evaluation encoding (every image and caption of a split, then ranking) in fp32 and bf16,
+    alternating. With --eval_checkpoint: that model on its test split (its rsum is meaningful);
+    otherwise a random model at the benchmark's sizes on --precision_images random images."""
+    from lib.evaluation import evaluate_sims, split_sims
+    if o.eval_checkpoint:
+        import arguments
+        from lib.data import PrecompSplit
+        from lib.inference import load_for_inference
+        model, args, tokenizer = load_for_inference(o.eval_checkpoint, device)
+        split = PrecompSplit(args.data_path, args.dataset, arguments.test_split_of(args.dataset), tokenizer)
+        source = f'{o.eval_checkpoint} on {args.dataset}/{arguments.test_split_of(args.dataset)}'
+    else:
+        model = build_model(o, device)[0].eval()
+        split = synthetic_split(o, o.precision_images)
+        source = f'random weights ({o.text}), {o.precision_images} random images'
+    sims = {}
+
+    def encode(precision):
+        def run():
+            sims[precision] = split_sims(model, split, device, o.eval_batch_size, precision)
+        return run
+    medians, times = timed({p: encode(p) for p in ('fp32', 'bf16')}, device, o.repeat)
+    results = {p: evaluate_sims(s)[0] for p, s in sims.items()}
+    return {'encode_s': medians, 'times': times, 'bf16_over_fp32': medians['bf16'] / medians['fp32'],
+            'bf16_over_fp32_paired': paired_ratio(times),
+            'rsum': {p: r['rsum'] for p, r in results.items()},
+            'recalls': {p: [r[side][f'r{k}'] for side in ('i2t', 't2i') for k in (1, 5, 10)] for p, r in results.items()},
+            'sims_max_abs_diff': float(np.abs(sims['fp32'] - sims['bf16']).max()),
+            'n_images': int(split.n_images), 'n_captions': len(split.tokens), 'source': source,
+            'text_model': None if o.eval_checkpoint else o.text}
+
+
+# a name that runs several parts, each in its own subprocess
+GROUPS = {'precision': ['precision_step', 'precision_eval']}
 PARTS = {'relation': measure_relation, 'step': measure_step, 'eval': measure_eval, 'memmap': measure_memmap,
-         'compile': measure_compile, 'checkpoint': measure_checkpoint}
+         'compile': measure_compile, 'checkpoint': measure_checkpoint, 'precision_step': measure_precision,
+         'precision_eval': measure_precision_eval}
 
 
 def child(o):
@@ -370,7 +489,7 @@ def parse(argv=None):
     from lib.text_model import DEMO_TEXT_MODEL
     import arguments
     p = argparse.ArgumentParser(description=__doc__, formatter_class=arguments.HelpFormatter)
-    p.add_argument('--parts', nargs='+', default=['relation', 'step', 'eval'], choices=list(PARTS),
+    p.add_argument('--parts', nargs='+', default=['relation', 'step', 'eval'], choices=list(PARTS) + list(GROUPS),
                    help='what to measure')
     p.add_argument('--batch_size', type=int, default=128, help='pairs per training step')
     p.add_argument('--embed_size', type=int, default=1024, help='joint embedding size E')
@@ -390,6 +509,11 @@ def parse(argv=None):
     p.add_argument('--memmap_bert', default=DEMO_TEXT_MODEL, help='text model folder for the memmap training run')
     p.add_argument('--save_dir', default=tempfile.gettempdir(),
                    help='where the checkpoint part writes (and deletes) its file: the disk of your runs')
+    p.add_argument('--precision_images', type=int, default=1000,
+                   help='images of the random split of the precision_eval part (five captions each)')
+    p.add_argument('--eval_checkpoint', default=None,
+                   help='precision_eval: encode the test split of this checkpoint instead of a random model')
+    p.add_argument('--eval_batch_size', type=int, default=128, help='encoding batch size of precision_eval')
     p.add_argument('--out', default=None, help='also write the JSON to this file')
     p.add_argument('--part', help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -404,7 +528,7 @@ def main(argv=None):
                           'gpu': torch.cuda.get_device_name() if o.device.startswith('cuda') else None},
               'options': {k: v for k, v in vars(o).items() if k not in ('part', 'out')}, 'results': {}}
     argv = sys.argv[1:] if argv is None else argv
-    for part in o.parts:
+    for part in [p for name in o.parts for p in GROUPS.get(name, [name])]:
         run = subprocess.run([sys.executable, __file__, *argv, '--part', part], capture_output=True, text=True)
         if run.returncode:
             sys.exit(f'{part} failed:\n{run.stderr[-3000:]}')

@@ -5,6 +5,7 @@
 <data_path>/<dataset>_precomp/<split>_caps.txt  one caption per line; caption i belongs to image
                                                 i // 5 (five per image) or i (one per image)
 """
+import itertools
 import mmap
 import os
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from lib import token_cache
 from lib.errors import UserError
 from lib.progress import progress
 
@@ -272,14 +274,36 @@ def tokenize_captions(tokenizer, captions, show_progress=False, desc='tokenising
     with progress(total=len(captions), enabled=show_progress, desc=desc, unit='caption', unit_scale=True) as bar:
         for start in range(0, len(captions), TOKENIZE_CHUNK):
             enc = tokenizer(list(captions[start:start + TOKENIZE_CHUNK]), add_special_tokens=False)
-            for i, piece_ids in enumerate(enc['input_ids']):
-                ids.append(np.asarray(piece_ids, np.int32))
-                words.append(np.asarray(enc.word_ids(i), np.int32))
-                lengths.append(len(piece_ids))
-            bar.update(len(enc['input_ids']))
-    offsets = np.concatenate(([0], np.cumsum(lengths, dtype=np.int64)))
+            pieces = enc['input_ids']
+            # one flat array per chunk (not one per caption): 566k COCO captions stay cheap
+            ids.append(np.fromiter(itertools.chain.from_iterable(pieces), np.int32))
+            words.append(np.fromiter(itertools.chain.from_iterable(enc.word_ids(i) for i in range(len(pieces))),
+                                     np.int32))
+            lengths.append(np.fromiter(map(len, pieces), np.int64, len(pieces)))
+            bar.update(len(pieces))
+    offsets = np.concatenate(([0], np.cumsum(np.concatenate(lengths), dtype=np.int64))) if lengths else np.zeros(1, np.int64)
     return TokenizedCaptions(np.concatenate(ids) if ids else np.zeros(0, np.int32),
                              np.concatenate(words) if words else np.zeros(0, np.int32), offsets)
+
+
+def cached_tokenize(tokenizer, captions, caps_path, cache_dir, show_progress=False, desc='tokenising'):
+    """tokenize_captions through the token cache (lib/token_cache.py) in cache_dir (None: no cache;
+    splits under token_cache.MIN_CAPTIONS captions are not cached).
+    Returns (TokenizedCaptions, what happened: a line for the log, or None)."""
+    if cache_dir is None or len(captions) < token_cache.MIN_CAPTIONS:
+        return tokenize_captions(tokenizer, captions, show_progress, desc), None
+    key = token_cache.cache_key(caps_path, captions, tokenizer)
+    path = token_cache.cache_path(cache_dir, key)
+    found = token_cache.load(path, key)
+    if found is not None:
+        return TokenizedCaptions(*found), f'{os.path.basename(caps_path)}: tokens read from the cache {path}'
+    note = ' (the cached file was unreadable or stale; rebuilt)' if os.path.exists(path) else ''
+    tokens = tokenize_captions(tokenizer, captions, show_progress, desc)
+    try:
+        token_cache.save(path, key, tokens.ids, tokens.word_index, tokens.offsets)
+    except OSError as err:  # a cache never stops a run
+        return tokens, f'{os.path.basename(caps_path)}: tokens not cached, {cache_dir} is not writable ({err})'
+    return tokens, f'{os.path.basename(caps_path)}: tokens written to the cache {path}{note}'
 
 
 class TextSpec:
@@ -315,8 +339,9 @@ class TextSpec:
 class PrecompSplit:
     """One split of a precomp dataset: memory-mapped regions and tokenised captions."""
 
-    def __init__(self, data_path, dataset, split, tokenizer, max_captions=None, show_progress=False):
-        """show_progress: progress bars while tokenising and scanning (rank 0 only)."""
+    def __init__(self, data_path, dataset, split, tokenizer, max_captions=None, show_progress=False, cache_dir=None):
+        """show_progress: progress bars while tokenising and scanning (rank 0 only); cache_dir: the
+        token cache's folder (None: none), and self.cache_note says what it did."""
         self.ims_path, self.caps_path = split_files(data_path, dataset, split)
         self.show_progress = show_progress
         self.images = load_images(self.ims_path)
@@ -330,7 +355,8 @@ class PrecompSplit:
             captions = captions[:n_images * self.per_image]
             self.images = self.images[:n_images]
         self.captions = captions
-        self.tokens = tokenize_captions(tokenizer, captions, show_progress, f'tokenising {split} captions')
+        self.tokens, self.cache_note = cached_tokenize(tokenizer, captions, self.caps_path, cache_dir, show_progress,
+                                                       f'tokenising {split} captions')
         self.text = TextSpec(tokenizer)
 
     @property

@@ -35,6 +35,12 @@ def mean_pool(x, lengths):
     return (x * valid[..., None].to(x.dtype)).sum(dim=1) / lengths[:, None].to(x.dtype)
 
 
+def autocast_dtype(device_type):
+    if hasattr(torch, 'get_autocast_dtype'):  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_cpu_dtype() if device_type == 'cpu' else torch.get_autocast_gpu_dtype()
+
+
 def init_linear(module):
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
@@ -79,6 +85,11 @@ class FCMLP(nn.Module):
         self.apply(init_linear)
 
     def forward(self, v):
+        device = v.device.type
+        if torch.is_autocast_enabled(device):
+            # convert the regions (the largest input, B x R x D) once: under autocast each of the two
+            # linears would convert them again; the same rounding, so the same numbers
+            v = v.to(autocast_dtype(device))
         return self.fc(v) + self.mlp(v)
 
 

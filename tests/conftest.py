@@ -11,6 +11,19 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+@pytest.fixture(scope='session', autouse=True)
+def private_token_cache(tmp_path_factory):
+    """The token cache's default folder ($XDG_CACHE_HOME/hrem/tokens) in a temporary folder: tests
+    that train on large splits (tests/test_coco.py) leave nothing in the user's ~/.cache."""
+    saved = os.environ.get('XDG_CACHE_HOME')
+    os.environ['XDG_CACHE_HOME'] = str(tmp_path_factory.mktemp('xdg_cache'))
+    yield
+    if saved is None:
+        os.environ.pop('XDG_CACHE_HOME', None)
+    else:
+        os.environ['XDG_CACHE_HOME'] = saved
+
+
 @pytest.fixture(scope='session')
 def tokenizer():
     from lib.text_model import DEMO_TEXT_MODEL, load_tokenizer
