@@ -4,15 +4,19 @@
   python eval.py --checkpoint runs/coco/model_best.pth --fold5
   python eval.py --checkpoint A.pth B.pth --save_sims ens.npy --json ens.json   # ensemble
   python eval.py --sims results_f30k.npy other.npy                              # no model needed
+  python eval.py --sims results_coco.npy --eccv                                 # + ECCV Caption, CxC
+  python eval.py --compare runs/a/results_coco.npy runs/b/results_coco.npy --fold5   # B - A, intervals
 """
 import argparse
 import json
 import logging
+import os
 import sys
 
 import numpy as np
 
 import arguments
+from lib import significance
 from lib.data import PrecompSplit
 from lib.distributed import pick_device
 from lib.errors import UserError, exit_on_user_error
@@ -28,6 +32,10 @@ def get_parser():
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument('--checkpoint', nargs='+', help='one or more .pth (several: similarities averaged)')
     src.add_argument('--sims', nargs='+', help="saved similarity files (the authors' results_*.npy format)")
+    src.add_argument('--compare', nargs=2, metavar=('A', 'B'),
+                     help='paired comparison of two models on the same split: each a checkpoint (.pth) or a '
+                          'saved similarity file; several seeds of each as comma-separated lists, paired in '
+                          'order. Prints A, B, B - A, its 95%% paired bootstrap interval and a sign-flip p-value')
     p.add_argument('--data_path', help='folder that holds <dataset>_precomp/; when not given: the (first) checkpoint\'s')
     p.add_argument('--dataset', help="dataset name; when not given: the checkpoint's")
     p.add_argument('--split', help='split to evaluate; when not given: test (testall for coco)')
@@ -41,16 +49,25 @@ def get_parser():
                    help='autocast precision of the encoders; ranking stays in fp32')
     arguments.add_cache_arg(p)
     p.add_argument('--tf32', action='store_true', help='CUDA only: fp32 matrix products in TF32 (docs/precision_and_speed.md)')
+    p.add_argument('--eccv', action='store_true',
+                   help='COCO 5K only: add ECCV Caption mAP@R, R-Precision, R@1 and CxC R@1/5/10 '
+                        '(package eccv-caption)')
+    p.add_argument('--ci', action='store_true',
+                   help='95%% bootstrap intervals of every R@K and rsum (images with their captions resampled)')
+    p.add_argument('--bootstrap', type=int, default=1000, help='resamples for --ci and --compare')
+    p.add_argument('--seed', type=int, default=0, help='random seed of the resamples (--ci, --compare)')
     return p
 
 
-def checkpoint_sims(opts):
+def checkpoint_sims(opts, checkpoints=None):
+    """(similarities, the precomp folder and split name of the first checkpoint's split) of
+    opts.checkpoint (or of the given checkpoints), averaged when there are several."""
     device = pick_device(opts.device)
     set_tf32(device, opts.tf32)
     if bf16_warning(device, opts.precision):
         print(f'warning: {bf16_warning(device, opts.precision)}', file=sys.stderr)
-    all_sims, splits = [], {}
-    for path in opts.checkpoint:
+    all_sims, splits, first = [], {}, None
+    for path in checkpoints or opts.checkpoint:
         model, args, tokenizer = load_for_inference(path, device, opts.bert_path)
         data_path = opts.data_path or args.data_path
         dataset = opts.dataset or args.dataset
@@ -63,8 +80,11 @@ def checkpoint_sims(opts):
                 print(splits[key].cache_note, file=sys.stderr)
             if opts.fold5:  # before any encoding
                 check_fold5(splits[key].n_images, splits[key].ims_path)
+            if opts.eccv:  # before any encoding too
+                check_eccv_split(splits[key], split_name)
             splits[key].check_finite()
         split = splits[key]
+        first = first or (os.path.dirname(split.ims_path), split_name)
         if split.feature_size != model.img_dim:
             raise UserError(f'{path} expects {model.img_dim}-d region features; {split.ims_path} has '
                             f'{split.feature_size}')
@@ -73,28 +93,91 @@ def checkpoint_sims(opts):
     shapes = {s.shape for s in all_sims}
     if len(shapes) > 1:
         raise UserError(f'the checkpoints were evaluated on splits of different sizes {sorted(shapes)}')
-    return np.mean(all_sims, axis=0) if len(all_sims) > 1 else all_sims[0]
+    return (np.mean(all_sims, axis=0) if len(all_sims) > 1 else all_sims[0]), first
+
+
+def check_eccv_split(split, split_name):
+    """--eccv on a checkpoint: the split must be COCO 5K, and its ids files (where present) in the
+    package's order."""
+    from lib.extended_metrics import N_CAPTIONS, N_IMAGES, check_split_ids
+    if (split.n_images, len(split.captions)) != (N_IMAGES, N_CAPTIONS):
+        raise UserError(f'--eccv needs the COCO 5K test split (5000 images, 25000 captions); {split.ims_path} has '
+                        f'{split.n_images} images and {len(split.captions)} captions. Pass --split testall')
+    check_split_ids(os.path.dirname(split.ims_path), split_name)
+
+
+def load_side(opts, spec):
+    """The similarity matrices of one side of --compare: comma-separated checkpoints or files."""
+    out = []
+    for path in [p for p in spec.split(',') if p]:
+        if path.endswith(('.pth', '.pt', '.tar')):
+            out.append(checkpoint_sims(opts, [path])[0])
+        else:
+            out.append(load_sims(path))
+    if not out:
+        raise UserError(f'--compare {spec!r}: no checkpoint or similarity file given')
+    return out
+
+
+def run_compare(opts):
+    if opts.bootstrap < 1:
+        raise UserError(f'--bootstrap {opts.bootstrap}: give at least 1 resample (1000 is usual)')
+    a, b = (load_side(opts, spec) for spec in opts.compare)
+    if opts.fold5:
+        check_fold5(a[0].shape[0], opts.compare[0])
+    result = significance.compare(a, b, opts.bootstrap, opts.seed, opts.fold5)
+    print(f"A = {opts.compare[0]}\nB = {opts.compare[1]}\n"
+          f"{'COCO 1K (mean of 5 folds)' if opts.fold5 else 'whole split'}, {a[0].shape[0]} images")
+    print(significance.format_compare(result))
+    if opts.json:
+        with open(opts.json, 'w') as f:
+            json.dump({'compare': {'a': opts.compare[0], 'b': opts.compare[1], 'fold5': opts.fold5,
+                                   'seed': opts.seed, **result}}, f, indent=2)
+    return result
 
 
 @exit_on_user_error
 def main(argv=None):
     opts = get_parser().parse_args(argv)
     logging.getLogger('transformers').setLevel(logging.ERROR)
+    if opts.compare:
+        if opts.eccv or opts.ci or opts.save_sims:
+            raise UserError('--compare prints its own table; run --eccv, --ci or --save_sims with --checkpoint '
+                            'or --sims')
+        return run_compare(opts)
+    folder = None
     if opts.sims:
         sims = [load_sims(p) for p in opts.sims]
         if len({s.shape for s in sims}) > 1:
             raise UserError(f'the similarity files have different shapes {[s.shape for s in sims]}')
         sims = np.mean(sims, axis=0) if len(sims) > 1 else sims[0]
+        if opts.eccv:
+            from lib.extended_metrics import check_shape
+            check_shape(sims, opts.sims[0])
     else:
-        sims = checkpoint_sims(opts)
+        sims, folder = checkpoint_sims(opts)
     results = evaluate_sims(sims, opts.fold5)
     for r in results:
         print(format_result(r))
+    doc = {'results': results}
+    if opts.ci:
+        if opts.bootstrap < 1:
+            raise UserError(f'--bootstrap {opts.bootstrap}: give at least 1 resample (1000 is usual)')
+        doc['ci'] = {'full': significance.intervals(sims, opts.bootstrap, opts.seed)}
+        if opts.fold5:
+            doc['ci']['1k-mean'] = significance.intervals(sims, opts.bootstrap, opts.seed, fold5=True)
+        for name, ci in doc['ci'].items():
+            print(significance.format_intervals(ci, name))
+    if opts.eccv:
+        from lib.extended_metrics import extended_metrics, format_extended
+        doc['extended'] = extended_metrics(sims)
+        print('ECCV Caption / CxC (eccv-caption package, COCO 5K):')
+        print(format_extended(doc['extended']))
     if opts.save_sims:
         save_sims(opts.save_sims, sims)
     if opts.json:
         with atomic_write(opts.json, 'w') as f:
-            json.dump({'results': results}, f, indent=2)
+            json.dump(doc, f, indent=2)
     return results
 
 

@@ -132,13 +132,37 @@ def evaluate_best(model, args, env, split, writer, state, mid_epoch, started):
     results = evaluate_sims(sims, fold5=args.dataset == 'coco' and split.n_images == 5000)
     for r in results[1:]:
         logger.info(format_result(r))
-    run_folder.write_results(folder, results, {'split': split_name, 'checkpoint': name, 'epoch': epoch,
-                                               'wall_time_s': round(time.time() - started, 1)})
+    extra = {'split': split_name, 'checkpoint': name, 'epoch': epoch}
+    extended = coco_extended(args, split, split_name, sims)
+    if extended is not None:
+        extra['extended'] = extended
+    run_folder.write_results(folder, results, {**extra, 'wall_time_s': round(time.time() - started, 1)})
     save_sims(os.path.join(folder, f'results_{args.dataset}.npy'), sims)
     if writer is not None:
         # a stopped epoch logs at the stop step: a resumed run purges it and logs its own
         writer.add_scalar('test/rsum', results[0]['rsum'], state.step if mid_epoch else step)
+        for key, sides in (extended or {}).items():
+            for side, value in sides.items():
+                writer.add_scalar(f'test/{key}_{side}', value, state.step if mid_epoch else step)
     return results
+
+
+def coco_extended(args, split, split_name, sims):
+    """ECCV Caption and CxC metrics of a COCO 5K test matrix (lib/extended_metrics.py), or None
+    for any other split; a split whose ids files disagree with the Karpathy order is logged and
+    left out rather than failing a finished run."""
+    from lib import extended_metrics
+    if args.dataset != 'coco' or tuple(sims.shape) != (extended_metrics.N_IMAGES, extended_metrics.N_CAPTIONS):
+        return None
+    try:
+        extended_metrics.check_split_ids(os.path.dirname(split.ims_path), split_name)
+        extended = extended_metrics.extended_metrics(sims)
+    except UserError as err:
+        logger.info(f'ECCV Caption / CxC metrics left out: {err}')
+        return None
+    for line in extended_metrics.format_extended(extended).splitlines():
+        logger.info(f'ECCV Caption / CxC {line}')
+    return extended
 
 
 def resume_position(ckpt, env, n_batches, source):

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The paper's ablations on the built-in demo: one run per switch and seed, then one table.
-#   bash bench/ablations.sh [SEED ...]        (default seeds: 0)
+# The paper's ablations on the built-in demo: one run per switch and seed, then two tables: every
+# variant's metrics as mean ± std over the seeds (tools/results_table.py), and each variant's
+# paired difference to the full model with its 95% interval (bench/ablation_table.py).
+#   bash bench/ablations.sh [SEED ...]        (default seeds: 0; e.g. bash bench/ablations.sh 0 1 2)
 # Runs go to runs/ablations/<name>_s<seed>; an existing finished run is skipped, so the script
 # can be rerun to add seeds. Each run is the demo's `python train.py` with one switch changed.
 set -euo pipefail
@@ -24,4 +26,5 @@ for seed in "${seeds[@]}"; do
     python train.py --seed "$seed" --logger_name "$folder" --overwrite ${variants[$name]} > /dev/null
   done
 done
-if [ -f tools/results_table.py ]; then python tools/results_table.py runs/ablations/*; fi
+python tools/results_table.py runs/ablations/*
+python bench/ablation_table.py --runs runs/ablations --seeds "${seeds[@]}"

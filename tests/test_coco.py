@@ -64,3 +64,47 @@ def test_eval_gives_the_same_5k_and_1k_numbers(coco_run):
         for side in ('i2t', 't2i'):
             assert got[side] == pytest.approx(want[side]), (got['name'], side)
         assert got['rsum'] == pytest.approx(want['rsum'])
+
+
+def test_training_adds_eccv_caption_and_cxc_metrics(coco_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from lib.extended_metrics import KEYS, extended_metrics
+    saved = json.loads((coco_run / 'results.json').read_text())
+    want = extended_metrics(load_sims(str(coco_run / 'results_coco.npy')))
+    assert set(saved['extended']) == set(KEYS)
+    for key in KEYS:
+        assert saved['extended'][key] == pytest.approx(want[key]), key
+    # the package's COCO recalls are the protocol's
+    assert saved['extended']['coco_5k_r5']['t2i'] == pytest.approx(saved['results'][0]['t2i']['r5'])
+    assert saved['extended']['coco_1k_r1']['i2t'] == pytest.approx(saved['results'][-1]['i2t']['r1'])
+    events = EventAccumulator(str(coco_run))
+    events.Reload()
+    tags = events.Tags()['scalars']
+    assert 'test/eccv_map_at_r_i2t' in tags and 'test/cxc_r10_t2i' in tags
+    assert events.Scalars('test/cxc_r1_i2t')[-1].value == pytest.approx(saved['extended']['cxc_r1']['i2t'], abs=1e-4)
+
+
+def test_eval_eccv_on_the_checkpoint_and_its_ids_files(coco_run, tmp_path, capsys):
+    from lib.extended_metrics import package_ids
+    out = tmp_path / 'r.json'
+    argv = ['--checkpoint', str(coco_run / 'model_best.pth'), '--device', 'cpu', '--batch_size', '1000', '--eccv']
+    precomp = coco_run.parent / 'coco_precomp'
+    caption_ids, _ = package_ids()
+    (precomp / 'testall_capids.txt').write_text(''.join(f'{c}\n' for c in caption_ids))
+    try:
+        eval_script.main(argv + ['--json', str(out)])
+        saved = json.loads((coco_run / 'results.json').read_text())['extended']
+        got = json.loads(out.read_text())['extended']
+        for key in saved:
+            assert got[key] == pytest.approx(saved[key]), key
+        capsys.readouterr()
+        swapped = caption_ids.copy()
+        swapped[[0, 1]] = swapped[[1, 0]]
+        (precomp / 'testall_capids.txt').write_text(''.join(f'{c}\n' for c in swapped))
+        with pytest.raises(SystemExit) as err:
+            eval_script.main(argv)
+        assert err.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and 'testall_capids.txt line 1' in lines[0] and 'Karpathy' in lines[0]
+    finally:
+        (precomp / 'testall_capids.txt').unlink()

@@ -65,3 +65,15 @@ def test_search_both_ways(run, capsys):
     for r in doc['results']:
         assert r['image'] == r['caption'] and r['ground_truth'] == (r['caption'] == 3)
         assert r['text'] == test_caps[r['caption']]
+
+
+def test_compare_a_checkpoint_with_its_own_saved_sims(run, tmp_path, capsys):
+    """--compare reads a checkpoint on one side and a saved matrix on the other (N x N here)."""
+    eval_script.main(['--compare', str(run / 'model_best.pth'), str(run / 'results_tiny.npy'), '--device', 'cpu',
+                      '--bootstrap', '50', '--json', str(tmp_path / 'c.json')])
+    doc = json.loads((tmp_path / 'c.json').read_text())['compare']
+    saved = json.loads((run / 'results.json').read_text())['results'][0]
+    assert doc['metrics']['rsum']['a'] == pytest.approx(saved['rsum'])
+    for name, m in doc['metrics'].items():
+        assert m['diff'] == pytest.approx(0, abs=1e-9) and m['p'] == 1.0, name
+    assert doc['queries']['t2i']['better'] == doc['queries']['t2i']['worse'] == 0

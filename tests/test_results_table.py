@@ -148,3 +148,78 @@ def test_an_option_added_after_a_run_takes_its_default(runs, capsys):
     results_table.main(folders(runs, 'ab') + ['--json'])
     doc = json.loads(capsys.readouterr().out)
     assert [d['options'] for d in doc] == [{'threshold': 0.3, 'cross_loss': 0}, {'threshold': 0.5, 'cross_loss': 1}]
+
+
+# ----------------------------------------------------------------------------- seeds folded into one row
+
+SEED_RSUM = {0: 400.0, 1: 410.0, 2: 433.0}  # mean 414.333..., sample std 17.0098...
+
+
+@pytest.fixture
+def seed_runs(tmp_path):
+    """full_s0..full_s2: the same options but --seed; other_s0: another threshold. COCO 5K runs
+    with ECCV Caption / CxC metrics in their results.json."""
+    def write(name, seed, threshold, rsum):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / 'options.json').write_text(json.dumps({'dataset': 'coco', 'threshold': threshold, 'seed': seed,
+                                                         'logger_name': f'runs/{name}'}))
+        doc = {'results': [result('full', 5000, 50.0 + seed, rsum)], 'split': 'testall', 'epoch': 3,
+               'wall_time_s': 100.0 + seed,
+               'extended': {'eccv_map_at_r': {'i2t': 30.0 + seed, 't2i': 40.0 + 2 * seed},
+                            'cxc_r1': {'i2t': 55.0, 't2i': 45.0 + seed}}}
+        (folder / 'results.json').write_text(json.dumps(doc))
+    for seed, rsum in SEED_RSUM.items():
+        write(f'full_s{seed}', seed, 0.5, rsum)
+    write('other_s0', 0, 0.3, 300.0)
+    return tmp_path
+
+
+def seed_folders(root):
+    return [str(root / n) for n in ('full_s0', 'full_s1', 'full_s2', 'other_s0')]
+
+
+def test_runs_differing_only_in_seed_are_one_row_of_mean_and_std(seed_runs, capsys):
+    import statistics
+    results_table.main(seed_folders(seed_runs))
+    lines = capsys.readouterr().out.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip('|').split('|')]
+    cells = [[c.strip() for c in line.strip('|').split('|')] for line in lines[2:]]
+    assert header[:4] == ['run', 'threshold', 'n', 'seeds']  # seed is no column of its own
+    assert [c[:4] for c in cells] == [['full', '0.5', '3', '0, 1, 2'], ['other_s0', '0.3', '1', '0']]
+    row = dict(zip(header, cells[0]))
+    rsums = list(SEED_RSUM.values())
+    assert row['rsum'] == f'{statistics.mean(rsums):.1f} ± {statistics.stdev(rsums):.1f}'
+    assert row['I2T R@1'] == f'{statistics.mean([50.04, 51.04, 52.04]):.1f} ± {statistics.stdev([50.04, 51.04, 52.04]):.1f}'
+    assert row['ECCV mAP@R T2I'] == f'{statistics.mean([40, 42, 44]):.1f} ± {statistics.stdev([40, 42, 44]):.1f}'
+    assert row['CxC R@1 I2T'] == '55.0 ± 0.0'
+    assert dict(zip(header, cells[1]))['rsum'] == '300.0'  # one run: no ± at all
+
+
+def test_seed_groups_in_json_and_csv(seed_runs, capsys):
+    import statistics
+    results_table.main(seed_folders(seed_runs) + ['--json'])
+    doc = json.loads(capsys.readouterr().out)
+    assert [d['run'] for d in doc] == ['full', 'other_s0']
+    group = doc[0]
+    assert group['n'] == 3 and group['seeds'] == [0, 1, 2]
+    assert [r['run'] for r in group['runs']] == ['full_s0', 'full_s1', 'full_s2']
+    rsum = group['results'][0]['rsum']
+    assert rsum['n'] == 3 and rsum['mean'] == pytest.approx(statistics.mean(SEED_RSUM.values()))
+    assert rsum['std'] == pytest.approx(statistics.stdev(SEED_RSUM.values()))
+    assert group['results'][0]['t2i']['r1']['mean'] == pytest.approx(51.0 - 5.11)
+    assert group['extended']['eccv_map_at_r']['i2t']['mean'] == pytest.approx(31.0)
+    assert doc[1]['results'] == [result('full', 5000, 50.0, 300.0)]  # a lone run as before
+    results_table.main(seed_folders(seed_runs) + ['--csv'])
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert float(rows[0]['rsum']) == pytest.approx(statistics.mean(SEED_RSUM.values()))
+    assert float(rows[0]['rsum_std']) == pytest.approx(statistics.stdev(SEED_RSUM.values()))
+    assert rows[0]['seeds'] == '0 1 2' and rows[1]['rsum_std'] == ''
+
+
+def test_no_group_lists_every_run(seed_runs, capsys):
+    results_table.main(seed_folders(seed_runs) + ['--no_group'])
+    lines = capsys.readouterr().out.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip('|').split('|')]
+    assert header[:3] == ['run', 'seed', 'threshold'] and '±' not in '\n'.join(lines)
+    assert [line.split('|')[1].strip() for line in lines[2:]] == ['full_s2', 'full_s1', 'full_s0', 'other_s0']

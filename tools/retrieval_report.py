@@ -21,7 +21,6 @@ import os
 import sys
 import textwrap
 import time
-from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -58,9 +57,12 @@ def checkpoint_source(path, opts, data_path=None, dataset=None, split=None):
     dataset = dataset or opts.dataset or args.dataset
     data_path = data_path or opts.data_path or args.data_path
     split = split or opts.split or arguments.test_split_of(dataset)
-    sims = eval_tool.checkpoint_sims(SimpleNamespace(
-        checkpoint=[path], device=opts.device, tf32=False, bert_path=opts.bert_path, data_path=data_path,
-        dataset=dataset, split=split, fold5=False, batch_size=opts.batch_size, precision='fp32'))
+    argv = ['--checkpoint', path, '--data_path', data_path, '--dataset', dataset, '--split', split,
+            '--batch_size', str(opts.batch_size)]
+    for name in ('device', 'bert_path'):
+        if getattr(opts, name):
+            argv += [f'--{name}', getattr(opts, name)]
+    sims, _ = eval_tool.checkpoint_sims(eval_tool.get_parser().parse_args(argv))
     return sims, split_files(data_path, dataset, split)[1], split, dataset, data_path
 
 
