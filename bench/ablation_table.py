@@ -8,7 +8,8 @@ train.py writes). For each variant: the seeds it has, rsum and R@1 as mean ± st
 them, and against the full model of the same seeds (seed s paired with seed s) the mean difference
 of rsum, its 95% interval from a two-level paired bootstrap (seed pairs and test images with their
 captions resampled) and the sign-flip p-value of lib/significance.py. "yes" in the last column: the
-interval excludes 0. A run that is missing or unfinished is listed as missing and left out.
+interval excludes 0; with a single seed pair no verdict is given, since one pair's interval covers the
+test images but not the variation between training seeds. A run that is missing or unfinished is listed as missing and left out.
 """
 import argparse
 import glob
@@ -89,8 +90,9 @@ def markdown(rows):
         if c:
             per_seed = ', '.join(f'{d:+.1f}' for d in c['per_seed_diff'])
             lo, hi = c['ci95']
-            cells += [f"{c['diff']:+.1f} ({per_seed})", f'[{lo:+.1f}, {hi:+.1f}]', f"{c['p']:.3f}",
-                      'yes' if lo > 0 or hi < 0 else 'no']
+            # one seed pair: the interval covers the test images only, not the seed-to-seed variation
+            verdict = ('yes' if lo > 0 or hi < 0 else 'no') if len(c['seeds']) > 1 else 'not judged (one seed)'
+            cells += [f"{c['diff']:+.1f} ({per_seed})", f'[{lo:+.1f}, {hi:+.1f}]', f"{c['p']:.3f}", verdict]
         else:
             cells += ['-'] * 4
         lines.append('| ' + ' | '.join(cells) + ' |')

@@ -34,6 +34,8 @@ def test_variants_against_the_full_model(tmp_path, capsys):
     for s, m in better.items():
         write_run(tmp_path, f'no_connection_s{s}', m)
     write_run(tmp_path, 'no_relevance_s0', full[0])  # identical to the full model
+    write_run(tmp_path, 'no_relevance_s1', full[1])
+    write_run(tmp_path, 'no_instance_relation_s0', better[0])  # one seed pair: no verdict
     for s in (0, 1):
         write_run(tmp_path, f'no_regulariser_s{s}', sims_for(s, 3.0))  # more noise: worse
     rows, missing = ablation_table.main(['--runs', str(tmp_path), '--seeds', '0', '1', '2', '--bootstrap', '200'])
@@ -54,5 +56,7 @@ def test_variants_against_the_full_model(tmp_path, capsys):
     lines = {line.split('|')[1].strip(): line for line in out.splitlines() if line.startswith('| ')}
     assert lines['no_connection'].rstrip().endswith('| yes |')
     assert lines['no_relevance'].rstrip().endswith('| no |')
+    assert by['no_instance_relation']['vs_full']['ci95'][0] > 0
+    assert lines['no_instance_relation'].rstrip().endswith('| not judged (one seed) |')
     assert by['no_regulariser']['vs_full']['ci95'][1] < 0 and lines['no_regulariser'].rstrip().endswith('| yes |')
     assert 'missing or unfinished' in out
