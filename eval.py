@@ -76,13 +76,13 @@ def checkpoint_sims(opts, checkpoints=None):
         if key not in splits:  # captions are tokenised once per text model
             splits[key] = PrecompSplit(data_path, dataset, split_name, tokenizer, show_progress=True,
                                        cache_dir=resolve_cache_dir(opts.cache_dir))
-            if splits[key].cache_note:
-                print(splits[key].cache_note, file=sys.stderr)
             if opts.fold5:  # before any encoding
                 check_fold5(splits[key].n_images, splits[key].ims_path)
             if opts.eccv:  # before any encoding too
                 check_eccv_split(splits[key], split_name)
             splits[key].check_finite()
+            if splits[key].cache_note:  # after the checks, so that a refusal stays one line
+                print(splits[key].cache_note, file=sys.stderr)
         split = splits[key]
         first = first or (os.path.dirname(split.ims_path), split_name)
         if split.feature_size != model.img_dim:
