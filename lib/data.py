@@ -301,8 +301,8 @@ def cached_tokenize(tokenizer, captions, caps_path, cache_dir, show_progress=Fal
     tokens = tokenize_captions(tokenizer, captions, show_progress, desc)
     try:
         token_cache.save(path, key, tokens.ids, tokens.word_index, tokens.offsets)
-    except OSError as err:  # a cache never stops a run
-        return tokens, f'{os.path.basename(caps_path)}: tokens not cached, {cache_dir} is not writable ({err})'
+    except UserError as err:  # a cache never stops a run
+        return tokens, f'{os.path.basename(caps_path)}: tokens not cached ({err})'
     return tokens, f'{os.path.basename(caps_path)}: tokens written to the cache {path}{note}'
 
 

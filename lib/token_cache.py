@@ -16,10 +16,11 @@ in the same folder, fsync, rename), and read with allow_pickle=False: nothing in
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
+
+from lib.writing import atomic_write, make_folders
 
 FORMAT = 1
 # splits with fewer captions tokenise in about a second or less: not worth a file
@@ -101,19 +102,7 @@ def load(path, key):
 
 
 def save(path, key, ids, word_index, offsets):
-    """Write atomically: a temporary file in the same folder, fsync, rename over path."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.npz', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            np.savez(f, key=np.array(json.dumps(key, sort_keys=True)), ids=ids, word_index=word_index, offsets=offsets)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write atomically (lib/writing.py); a failure is a UserError naming the file and cause."""
+    make_folders(os.path.dirname(path), 'the token cache folder')
+    with atomic_write(path, 'wb', what='the token cache') as f:
+        np.savez(f, key=np.array(json.dumps(key, sort_keys=True)), ids=ids, word_index=word_index, offsets=offsets)
