@@ -6,10 +6,10 @@
 Reads runs/ablations/<variant>_s<seed>/ (results.json and the test similarities results_*.npy that
 train.py writes). For each variant: the seeds it has, rsum and R@1 as mean ± standard deviation over
 them, and against the full model of the same seeds (seed s paired with seed s) the mean difference
-of rsum, its 95% interval from a two-level paired bootstrap (seed pairs and test images with their
-captions resampled) and the sign-flip p-value of lib/significance.py. "yes" in the last column: the
-interval excludes 0; with a single seed pair no verdict is given, since one pair's interval covers the
-test images but not the variation between training seeds. A run that is missing or unfinished is listed as missing and left out.
+of rsum, its 95% interval and p-value from lib/significance.py (Student's t over the seed pairs, the
+test images' bootstrap variance added). "yes" in the last column: the interval excludes 0; with a
+single seed pair no verdict is given, since one pair's interval covers the test images but not the
+variation between training seeds. A run that is missing or unfinished is listed as missing and left out.
 """
 import argparse
 import glob

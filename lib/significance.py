@@ -11,13 +11,16 @@ is then one matrix product, counts (B, N) @ values (N, M), so 1000 resamples of 
 well under a second.
 
 Several seeds per side (A_1..A_S against B_1..B_S, seed s paired with seed s): the difference is
-the mean over the seed pairs; its interval resamples the seed pairs as well as the images (two
-levels), so it covers the variation between training seeds as well as the test-set sampling. The
-p-value flips the sign of each image's seed-averaged difference: it asks whether the averaged
-models differ on this test set, and does not by itself cover the seed variation.
+the mean d of the S per-seed differences d_s. Its standard error adds the two sources of noise,
+se^2 = var(d_s) / S + the bootstrap variance of d over the test images, and the interval and
+p-value are Student's t with S - 1 degrees of freedom: with a handful of seeds the seed-to-seed
+spread is itself uncertain, which t accounts for. (A bootstrap of 3 seed pairs would not: its
+interval never reaches past the range of the 3 differences, so 3 differences of one sign, a
+1-in-4 event when nothing differs, would always exclude 0.)
 """
 import numpy as np
 import torch
+from scipy import stats
 
 from lib import evaluation
 from lib.evaluation import RECALL_AT, check_fold5, check_sims_shape, i2t_ranks, t2i_ranks
@@ -124,9 +127,9 @@ def compare(sims_a, sims_b, n_boot=1000, seed=0, fold5=False):
     return compare_ranks(ranked_a, ranked_b, n_boot, seed, fold5)
 
 
-def compare_ranks(ranked_a, ranked_b, n_boot=1000, seed=0, fold5=False, idx=None, seed_idx=None):
-    """compare() from precomputed query_ranks() triples (lists, one per seed). idx (B, N) and
-    seed_idx (B, S) may be given to fix the resamples (tests)."""
+def compare_ranks(ranked_a, ranked_b, n_boot=1000, seed=0, fold5=False, idx=None):
+    """compare() from precomputed query_ranks() triples (lists, one per seed). idx (B, N) may be
+    given to fix the image resamples (tests)."""
     vals_a = np.stack([per_image_values(*r) for r in ranked_a])  # (S, N, 6)
     vals_b = np.stack([per_image_values(*r) for r in ranked_b])
     n_seeds, n = vals_a.shape[:2]
@@ -134,21 +137,28 @@ def compare_ranks(ranked_a, ranked_b, n_boot=1000, seed=0, fold5=False, idx=None
     if idx is None:
         idx = bootstrap_indices(n, n_boot, rng, evaluation.FOLD_IMAGES if fold5 else None)
     n_boot = idx.shape[0]
-    if seed_idx is None:
-        seed_idx = (np.zeros((n_boot, 1), dtype=np.int64) if n_seeds == 1
-                    else rng.integers(0, n_seeds, size=(n_boot, n_seeds)))
-    diffs = with_rsum(vals_b - vals_a)  # (S, N, 7)
-    counts = resample_counts(idx, n)
-    per_seed = np.stack([counts @ d / n for d in diffs], 1)  # (B, S, 7)
-    seed_weights = resample_counts(seed_idx, n_seeds) / seed_idx.shape[1]  # (B, S)
-    boot = np.einsum('bs,bsm->bm', seed_weights, per_seed)
-    ci = percentile_interval(boot)
-    mean_diff = diffs.mean(0)  # (N, 7), averaged over seeds
-    p = sign_flip_p(mean_diff, n_boot, rng)
+    mean_diff = with_rsum(vals_b - vals_a).mean(0)  # (N, 7): per image, averaged over the seed pairs
+    diff = mean_diff.mean(0)  # (7,)
+    boot = resampled_means(mean_diff, idx)  # (B, 7): the same image draw for every seed pair
+    if n_seeds == 1:
+        ci = percentile_interval(boot)
+        p = sign_flip_p(mean_diff, n_boot, rng)
+        per_seed = None
+    else:
+        per_seed = with_rsum((vals_b - vals_a).mean(1))  # (S, 7)
+        se = np.sqrt(per_seed.var(0, ddof=1) / n_seeds + boot.var(0, ddof=1))
+        t = stats.t(df=n_seeds - 1)
+        half = t.ppf(0.975) * se
+        ci = np.stack([diff - half, diff + half], 1)
+        with np.errstate(divide='ignore', invalid='ignore'):
+            p = np.where(se > 0, 2 * t.sf(np.abs(diff) / se), 1.0)
     a, b = with_rsum(vals_a.mean((0, 1))), with_rsum(vals_b.mean((0, 1)))
-    metrics = {name: {'a': float(a[j]), 'b': float(b[j]), 'diff': float(mean_diff[:, j].mean()),
+    metrics = {name: {'a': float(a[j]), 'b': float(b[j]), 'diff': float(diff[j]),
                       'ci95': [float(ci[j, 0]), float(ci[j, 1])], 'p': float(p[j])}
                for j, name in enumerate(ALL_METRICS)}
+    if per_seed is not None:
+        for j, name in enumerate(ALL_METRICS):
+            metrics[name]['per_seed'] = [float(d[j]) for d in per_seed]
     queries = {}
     for side, j in (('i2t', 0), ('t2i', 1)):
         ra = np.concatenate([r[j] for r in ranked_a])
@@ -173,16 +183,22 @@ def intervals(sims, n_boot=1000, seed=0, fold5=False):
 
 
 def format_compare(result, label_a='A', label_b='B'):
-    lines = [f"{'metric':>8} {label_a:>8} {label_b:>8} {'B - A':>7}   95% interval      p"]
+    lines = [f"{'metric':>8} {label_a:>8} {label_b:>8} {'B - A':>7}     95% interval        p"]
     for name, m in result['metrics'].items():
         lo, hi = m['ci95']
-        lines.append(f"{name:>8} {m['a']:8.2f} {m['b']:8.2f} {m['diff']:+7.2f}   [{lo:+6.2f}, {hi:+6.2f}] {m['p']:6.3f}")
+        lines.append(f"{name:>8} {m['a']:8.2f} {m['b']:8.2f} {m['diff']:+7.2f}   [{lo:+7.2f}, {hi:+7.2f}] {m['p']:6.3f}")
     pairs = f" over {result['seeds']} seed pairs" if result['seeds'] > 1 else ''
     for side, q in result['queries'].items():
         lines.append(f"{side} queries{pairs}: {q['better']} ranked better by B, {q['worse']} worse, {q['same']} the same")
-    lines.append(f"{result['bootstrap']} paired bootstrap resamples of the images (with their captions)"
-                 + (' and of the seed pairs' if result['seeds'] > 1 else '')
-                 + '; p: two-sided sign-flip permutation test')
+    if result['seeds'] > 1:
+        lines.append(f"per seed pair, rsum B - A: {', '.join(f'{d:+.2f}' for d in result['metrics']['rsum']['per_seed'])}")
+        lines.append(f"interval and p: Student's t over the {result['seeds']} seed pairs ({result['seeds'] - 1} degrees "
+                     f"of freedom), the standard error adding {result['bootstrap']} paired bootstrap resamples of "
+                     'the test images')
+    else:
+        lines.append(f"{result['bootstrap']} paired bootstrap resamples of the images (with their captions); "
+                     'p: two-sided sign-flip permutation test. One seed pair: the interval covers the test images, '
+                     'not the variation between training seeds')
     return '\n'.join(lines)
 
 

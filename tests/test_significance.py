@@ -136,6 +136,49 @@ def test_seeds_pairs_average_and_widen_with_seed_variation():
         significance.compare(a, b[:2])
 
 
+def model_sims(latent, rng, noise, per_image=5):
+    """One trained model's matrix on a fixed test set (latent): its own noise draws, its quality
+    set by noise (seed-to-seed variation)."""
+    img = latent + 0.5 * rng.standard_normal(latent.shape)
+    cap = np.repeat(latent, per_image, 0) + noise * rng.standard_normal((per_image * len(latent), latent.shape[1]))
+    return (img @ cap.T).astype(np.float32)
+
+
+def test_seed_pairs_give_students_t_over_the_per_seed_differences():
+    """With the image resamples fixed to the test set itself (no test-sampling variance), the
+    interval and p are scipy's one-sample t on the per-seed rsum differences of the protocol."""
+    from scipy import stats
+    rng = np.random.default_rng(11)
+    latent = rng.standard_normal((50, 16))
+    a = [model_sims(latent, rng, 1.5) for _ in range(4)]
+    b = [model_sims(latent, rng, 1.3) for _ in range(4)]
+    d = [evaluate_sims(y)[0]['rsum'] - evaluate_sims(x)[0]['rsum'] for x, y in zip(a, b)]
+    ranked = [[significance.query_ranks(s) for s in side] for side in (a, b)]
+    idx = np.tile(np.arange(50), (20, 1))
+    m = significance.compare_ranks(*ranked, idx=idx)['metrics']['rsum']
+    want = stats.ttest_1samp(d, 0.0)
+    lo, hi = want.confidence_interval(0.95)
+    assert m['per_seed'] == pytest.approx(d)
+    assert m['diff'] == pytest.approx(np.mean(d))
+    assert m['ci95'] == pytest.approx([lo, hi])
+    assert m['p'] == pytest.approx(want.pvalue)
+
+
+def test_seed_pair_interval_covers_zero_when_only_seeds_differ():
+    """A and B drawn from one distribution of trained models (each seed its own quality): no real
+    difference, so the 3-seed interval must hold 0 in about 95% of repetitions. A bootstrap of
+    the 3 seed pairs holds it only when the 3 differences do not share a sign (about 3 in 4)."""
+    held = 0
+    for rep in range(100):
+        rng = np.random.default_rng(1000 + rep)
+        latent = rng.standard_normal((60, 16))
+        a, b = ([model_sims(latent, rng, 1.5 * np.exp(0.2 * rng.standard_normal())) for _ in range(3)]
+                for _ in range(2))
+        lo, hi = significance.compare(a, b, n_boot=200, seed=rep)['metrics']['rsum']['ci95']
+        held += lo <= 0 <= hi
+    assert held >= 90
+
+
 def test_intervals_hold_the_value():
     sims = embeddings_sims(100, np.random.default_rng(7), 1.5)
     out = significance.intervals(sims, n_boot=300, seed=0)['metrics']
