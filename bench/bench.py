@@ -405,13 +405,37 @@ def measure_precision(o, device):
         memory[name] = {'peak_mb': peak, 'step_adds_mb': peak - before}
     medians, times = timed(steps, device, o.repeat, warmup=False)  # the first steps warmed up
     loss32, loss16 = first['fp32'][0], first['bf16'][0]
+    del bf16, bf16_opt, steps
+    agreement = gradient_agreement(fp32, args, batch, device)
     return {'step_s': medians, 'times': times, 'bf16_over_fp32': medians['bf16'] / medians['fp32'],
             'bf16_over_fp32_paired': paired_ratio(times),
             'samples_per_s': {k: o.batch_size / v for k, v in medians.items()},
             'first_step_s': {k: v[1] for k, v in first.items()}, 'first_loss': {k: v[0] for k, v in first.items()},
             'loss_rel_diff': abs(loss16 - loss32) / abs(loss32), 'memory': memory, 'text_model': o.text,
-            'bf16_support': bf16_support(device),
+            'bf16_support': bf16_support(device), 'gradients': agreement,
             'sizes': {k: getattr(o, k) for k in ('batch_size', 'embed_size', 'regions', 'tokens', 'img_dim')}}
+
+
+def gradient_agreement(model, args, batch, device):
+    """Per parameter group of the optimizer: the cosine between the gradients of one batch in fp32
+    and in bf16, from the same weights and random seed, and the ratio of their norms (bf16 / fp32)."""
+    import copy
+    from lib.model import parameter_groups
+    from lib.precision import autocast
+    grads = {}
+    for precision, copy_ in (('fp32', model), ('bf16', copy.deepcopy(model))):
+        copy_.train()
+        copy_.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        with autocast(device, precision):
+            loss = copy_(batch, step=1).loss
+        loss.backward()
+        grads[precision] = {g['name']: torch.cat([p.grad.flatten().double() for p in g['params'] if p.grad is not None])
+                            for g in parameter_groups(copy_, args)}
+        copy_.zero_grad(set_to_none=True)
+    return {name: {'cosine': float(torch.nn.functional.cosine_similarity(g32, grads['bf16'][name], dim=0)),
+                   'norm_ratio': float(grads['bf16'][name].norm() / g32.norm())}
+            for name, g32 in grads['fp32'].items()}
 
 
 def paired_ratio(times):
