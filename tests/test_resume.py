@@ -341,6 +341,11 @@ def test_a_second_signal_stops_at_once_and_handlers_are_restored(straight, monke
 
     def twice():
         signal.raise_signal(signal.SIGINT)
+        # two signals pending at once reach a Python handler once: wait until the first was handled
+        stop = signal.getsignal(signal.SIGINT).__self__
+        deadline = time.monotonic() + 10
+        while not stop.signum and time.monotonic() < deadline:
+            time.sleep(0.01)
         signal.raise_signal(signal.SIGINT)
     monkeypatch.setattr(HREM, 'forward', forward_hook(3, twice))
     run = root / 'twice'
