@@ -35,7 +35,8 @@ def get_parser():
     src.add_argument('--compare', nargs=2, metavar=('A', 'B'),
                      help='paired comparison of two models on the same split: each a checkpoint (.pth) or a '
                           'saved similarity file; several seeds of each as comma-separated lists, paired in '
-                          'order. Prints A, B, B - A, its 95%% paired bootstrap interval and a sign-flip p-value')
+                          'order. Prints A, B, B - A, its 95%% interval and p-value: paired bootstrap and sign flips '
+                          "over the images for one seed pair, Student's t over several seed pairs")
     p.add_argument('--data_path', help='folder that holds <dataset>_precomp/; when not given: the (first) checkpoint\'s')
     p.add_argument('--dataset', help="dataset name; when not given: the checkpoint's")
     p.add_argument('--split', help='split to evaluate; when not given: test (testall for coco)')
