@@ -69,11 +69,10 @@ def summarise(root, seeds, variants=VARIANTS, n_boot=1000, seed=0):
         if v != FULL and paired:
             a = [load_sims(runs[(FULL, s)][1]) for s in paired]
             b = [load_sims(runs[(v, s)][1]) for s in paired]
-            cmp = significance.compare(a, b, n_boot, seed)
-            row['vs_full'] = {'seeds': paired, **cmp['metrics']['rsum'],
-                              'per_seed_diff': [float(y['rsum'] - x['rsum']) for x, y in zip(
-                                  (runs[(FULL, s)][0]['results'][0] for s in paired),
-                                  (runs[(v, s)][0]['results'][0] for s in paired))]}
+            rsum = significance.compare(a, b, n_boot, seed)['metrics']['rsum']
+            # compare() gives the per-seed differences for several seed pairs; one pair's is the difference
+            per_seed = rsum.pop('per_seed', [rsum['diff']])
+            row['vs_full'] = {'seeds': paired, **rsum, 'per_seed_diff': per_seed}
         out.append(row)
     return out, missing
 

@@ -65,3 +65,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker('cuda'):
             item.add_marker(skip)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from threads; on a busy machine they only make steps wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

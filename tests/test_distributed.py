@@ -16,6 +16,9 @@ from lib.distributed import GlobalBatch, all_finite, init_distributed, wrap_ddp
 WORLD = 2
 
 
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny tensors: threads only make steps wait
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -36,15 +39,6 @@ def _launch(rank, port, fn, args):
         fn(env, *args)
     finally:
         dist.destroy_process_group()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads; on a busy machine they only make steps wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_single_process_fallback(monkeypatch):

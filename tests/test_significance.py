@@ -13,9 +13,14 @@ from lib.errors import UserError
 
 def embeddings_sims(n, rng, noise, per_image=5, dim=16):
     """A matching problem: images and captions share latent vectors; noise blurs the captions."""
-    latent = rng.standard_normal((n, dim))
-    img = latent + 0.5 * rng.standard_normal((n, dim))
-    cap = np.repeat(latent, per_image, 0) + noise * rng.standard_normal((per_image * n, dim))
+    return model_sims(rng.standard_normal((n, dim)), rng, noise, per_image)
+
+
+def model_sims(latent, rng, noise, per_image=5):
+    """One trained model's matrix on a fixed test set (latent): its own noise draws, its quality
+    set by noise (seed-to-seed variation)."""
+    img = latent + 0.5 * rng.standard_normal(latent.shape)
+    cap = np.repeat(latent, per_image, 0) + noise * rng.standard_normal((per_image * len(latent), latent.shape[1]))
     return (img @ cap.T).astype(np.float32)
 
 
@@ -80,15 +85,6 @@ def test_a_real_improvement_is_told_from_zero():
     assert out['queries']['t2i']['better'] > out['queries']['t2i']['worse']
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matrices rank faster on one thread than on two busy ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_pure_noise_holds_zero_in_at_least_90_of_100_repetitions(one_thread):
     """B is A with its noise drawn anew (the same distribution): no real difference."""
     held, small_p = 0, 0
@@ -134,14 +130,6 @@ def test_seeds_pairs_average_and_widen_with_seed_variation():
     assert out['metrics']['rsum']['diff'] == pytest.approx(np.mean(singles))
     with pytest.raises(UserError, match='one of each per seed'):
         significance.compare(a, b[:2])
-
-
-def model_sims(latent, rng, noise, per_image=5):
-    """One trained model's matrix on a fixed test set (latent): its own noise draws, its quality
-    set by noise (seed-to-seed variation)."""
-    img = latent + 0.5 * rng.standard_normal(latent.shape)
-    cap = np.repeat(latent, per_image, 0) + noise * rng.standard_normal((per_image * len(latent), latent.shape[1]))
-    return (img @ cap.T).astype(np.float32)
 
 
 def test_seed_pairs_give_students_t_over_the_per_seed_differences():
