@@ -17,13 +17,15 @@ from lib.errors import UserError
 
 FORMAT = 'hrem-export/1'
 PARTS = ('img_enc', 'txt_enc', 'relation')
+TEXT_MODEL_FILES = ('config.json', 'vocab.txt', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json')
 
 
 def write_exported(ckpt, folder, text_model_path):
     """Write the folder next to its final place and rename it there: an interrupted export leaves
     no half-written folder behind."""
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoTokenizer
+    from lib.text_model import check_location
+    check_location(text_model_path)
     if os.path.exists(folder):
         raise UserError(f'{folder} already exists; remove it or export to another folder')
     parent = os.path.dirname(os.path.abspath(folder))
@@ -38,8 +40,10 @@ def write_exported(ckpt, folder, text_model_path):
         with open(os.path.join(tmp, 'config.json'), 'w') as f:
             json.dump(meta, f, indent=1)
         text = os.path.join(tmp, 'text_model')
-        AutoConfig.from_pretrained(text_model_path).save_pretrained(text)
-        AutoTokenizer.from_pretrained(text_model_path).save_pretrained(text)
+        os.mkdir(text)
+        for name in TEXT_MODEL_FILES:  # architecture and vocabulary; the weights are in model.safetensors
+            if os.path.isfile(os.path.join(text_model_path, name)):
+                shutil.copyfile(os.path.join(text_model_path, name), os.path.join(text, name))
         os.rename(tmp, folder)
     except OSError as err:
         raise UserError(f'could not write {folder}: {err.strerror or err}; free space or choose another folder') from err
