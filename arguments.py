@@ -14,8 +14,11 @@ False, empty or suppressed. An option whose default is None says in its help wha
 is not given ('...; when not given: the checkpoint's').
 """
 import argparse
+import json
 import os
+import sys
 
+from lib.errors import UserError
 from lib.text_model import DEMO_TEXT_MODEL
 
 # Per-dataset defaults over the global ones below. f30k/coco: the authors' training commands
@@ -69,6 +72,36 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f'{value} must be >= 1')
     return value
+
+
+# ----------------------------------------------------------------------------- shared options
+# Options that several scripts take (train.py, eval.py, search.py, tools/*.py, bench/*.py), defined
+# once so that their name, default and meaning agree everywhere.
+
+PRECISIONS = ('fp32', 'bf16', 'fp16')
+
+
+def add_device_arg(parser):
+    """--device, default None: lib.distributed.pick_device takes CUDA when present, else the CPU."""
+    return parser.add_argument('--device', default=None,
+                               help='cuda, cuda:N or cpu; when not given: cuda when present, else cpu')
+
+
+def add_split_arg(parser, what='split to evaluate'):
+    """--split of a dataset's split to read, default None: test_split_of(dataset)."""
+    return parser.add_argument('--split', default=None,
+                               help=f"{what}; when not given: the dataset's test split (COCO: testall)")
+
+
+def add_precision_arg(parser):
+    return parser.add_argument('--precision', default='fp32', choices=PRECISIONS,
+                               help='autocast precision of the encoders; losses and ranking stay in fp32')
+
+
+def add_tf32_arg(parser):
+    return parser.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=False,
+                               help='CUDA only: fp32 matrix products in TF32 (faster on Ampere+, results change '
+                                    'slightly; docs/precision_and_speed.md)')
 
 
 def add_data_args(parser):
@@ -181,12 +214,10 @@ def add_optim_args(parser):
 
 def add_runtime_args(parser):
     g = parser.add_argument_group('runtime')
-    g.add_argument('--device', default=None, help='cuda, cuda:N or cpu; when not given: cuda when present, else cpu')
-    g.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'],
-                   help='autocast precision for the encoders; losses and ranking stay in fp32')
+    add_device_arg(g)
+    add_precision_arg(g)
     g.add_argument('--seed', type=int, default=0, help='seed of every random choice (a CPU run repeats exactly)')
-    g.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=False,
-                   help='CUDA only: fp32 matrix products in TF32 (faster on Ampere+, results change slightly)')
+    add_tf32_arg(g)
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
                    help='torch.compile the image and text encoders (needs a C++ compiler on CPU, Triton on CUDA)')
     return g
@@ -199,6 +230,7 @@ TRAIN_EXAMPLES = """Train HREM. The defaults shown are those of the dataset give
   python train.py --dataset coco --data_path data/         # the authors' COCO command
   python train.py --resume runs/coco/checkpoint_last.pth   # continue a run
   torchrun --nproc_per_node 4 train.py --dataset coco --data_path data/
+  python train.py --config runs/coco/options.json --logger_name runs/coco_again   # replay a run
 """
 
 
@@ -229,9 +261,88 @@ def get_train_parser(profile=None, add_help=True):
                    help="start from the encoder weights of a checkpoint (ours or the authors'); "
                         'relation module, optimizer and schedule start fresh')
     g.add_argument('--overwrite', action='store_true', help='reuse a run folder that holds another run')
+    g.add_argument('--config', default=None,
+                   help='options from a file: the options.json of a run (replays it) or any JSON / YAML '
+                        '(.yaml, .yml) mapping of option names to values. Precedence: the dataset profile\'s '
+                        'defaults < the file < the command line. Not replayed from a file: '
+                        + ', '.join(RUN_LOCAL) + ' (where and how this invocation runs, not what it '
+                        'computes; give them on the command line)')
     g.add_argument('--eval_batch_size', type=int, default=128, help='batch size of encoding at evaluation')
     parser.set_defaults(**PROFILES.get(profile, {}))
     return parser
+
+
+# options.json keys that a --config file does not set: they say where and how one invocation runs
+# (its run folder, device, continuing or overwriting a run), not what the run computes.
+RUN_LOCAL = ('config', 'resume', 'overwrite', 'logger_name', 'device')
+
+
+def read_config(path):
+    """The {option: value} mapping of a --config file: JSON, or YAML (.yaml/.yml) with pyyaml."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    except OSError as err:
+        raise UserError(f'--config {path}: {err.strerror or err}') from err
+    if path.lower().endswith(('.yaml', '.yml')):
+        try:
+            import yaml
+        except ImportError as err:
+            raise UserError(f'{path} is YAML: install pyyaml (pip install "pyyaml>=6") or give the options '
+                            'as JSON') from err
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise UserError(f'{path} is not valid YAML: {" ".join(str(err).split())}') from err
+    else:
+        try:
+            values = json.loads(text)
+        except ValueError as err:
+            raise UserError(f'{path} is not valid JSON ({err}); give a JSON or YAML (.yaml) file') from err
+    if not isinstance(values, dict):
+        raise UserError(f'{path} holds a {type(values).__name__}; expected a mapping of option names to '
+                        'values, as the options.json of a run')
+    return values
+
+
+def config_argv(path, values):
+    """A --config file's options as command-line words, before the real command line so that it
+    wins; argparse checks their types and choices as it checks typed ones."""
+    parser = get_train_parser(add_help=False)
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    unknown = sorted(k for k in values if k not in actions and k not in RUN_LOCAL)
+    if unknown:
+        raise UserError(f'{path}: unknown option {unknown[0]!r}' + (f' (and {len(unknown) - 1} more)' if
+                        len(unknown) > 1 else '') + '; see `python train.py --help` for the option names')
+    argv = []
+    for key, value in values.items():
+        if key in RUN_LOCAL or value is None:  # None: the option's default (it has no other spelling)
+            continue
+        action, flag = actions[key], actions[key].option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else f'--no-{flag[2:]}')
+        elif isinstance(action, argparse._StoreTrueAction):
+            argv += [flag] if value else []
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    check = get_train_parser(add_help=False)
+    check.exit_on_error = False  # a wrong value names the file, not only the option
+    try:
+        check.parse_args(argv)
+    except argparse.ArgumentError as err:
+        raise UserError(f'{path}: {err}') from err
+    return argv
+
+
+def with_config(argv):
+    """argv with the options of its --config file (if any) put in front of it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known, _ = get_train_parser(add_help=False).parse_known_args(argv)
+    if not known.config:
+        return argv
+    return config_argv(known.config, read_config(known.config)) + argv
 
 
 def dataset_of(argv=None):
@@ -241,7 +352,9 @@ def dataset_of(argv=None):
 
 
 def parse_train_args(argv=None):
-    """Parse with the dataset's profile applied to the defaults."""
+    """Parse with the dataset's profile applied to the defaults, then a --config file's options,
+    then the command line's."""
+    argv = with_config(argv)
     args = get_train_parser(dataset_of(argv)).parse_args(argv)
     if args.logger_name is None:
         args.logger_name = os.path.join('runs', args.dataset)

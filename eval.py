@@ -17,7 +17,8 @@ import arguments
 from lib import significance
 from lib.checkpoint_sims import checkpoint_sims
 from lib.errors import UserError, exit_on_user_error
-from lib.evaluation import check_fold5, evaluate_sims, format_result, load_sims, save_sims
+from lib.metrics import check_fold5, evaluate_sims, format_result
+from lib.sims_file import load_sims, save_sims
 from lib.writing import atomic_write
 
 

@@ -24,7 +24,7 @@ from lib.data import (PrecompSplit, TextSpec, captions_per_image, load_captions,
                       tokenize_captions)
 from lib.distributed import pick_device
 from lib.errors import UserError, exit_on_user_error
-from lib.evaluation import encode_captions, encode_images
+from lib.encoding import encode_captions, encode_images
 from lib.images import gallery_files, thumbnail  # noqa: F401  (gallery_files: the --image_dir listing)
 from lib.loading import model_from_checkpoint, read_model_file, saved_options, text_model_of
 from lib.text_model import load_tokenizer

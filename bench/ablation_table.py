@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import arguments  # noqa: E402
 from lib import significance  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
-from lib.evaluation import load_sims  # noqa: E402
+from lib.sims_file import load_sims  # noqa: E402
 
 VARIANTS = ['full', 'no_instance_relation', 'no_connection', 'no_relevance', 'no_regulariser', 'no_cross_loss',
             'no_fragment_transformer']

@@ -251,7 +251,7 @@ def measure_compile(o, device):
 def measure_eval(o, device):
     """Rank a COCO-5K-sized (5000 x 25000) matrix: the full 5K protocol plus the five 1K folds,
     ours (counting) and the authors' sorting loops."""
-    from lib.evaluation import evaluate_sims, i2t_ranks, t2i_ranks
+    from lib.metrics import evaluate_sims, i2t_ranks, t2i_ranks
     # distinct float32 values (consecutive bit patterns from 0.5, shuffled): no ties, so that
     # counting and sorting must give the same ranks
     n = o.eval_images
@@ -450,7 +450,7 @@ def paired_ratio(times):
 
 def synthetic_split(o, n_images, seed=0):
     """A split of random region features and random captions (5 per image, 8 to --tokens pieces)
-    in the shape lib.evaluation.split_sims reads."""
+    in the shape lib.encoding.split_sims reads."""
     from types import SimpleNamespace
     from lib.data import TokenizedCaptions
     rng = np.random.default_rng(seed)
@@ -467,7 +467,8 @@ def measure_precision_eval(o, device):
     """Evaluation encoding (every image and caption of a split, then ranking) in fp32 and bf16,
     alternating. With --eval_checkpoint: that model on its test split (its rsum is meaningful);
     otherwise a random model at the benchmark's sizes on --precision_images random images."""
-    from lib.evaluation import evaluate_sims, split_sims
+    from lib.encoding import split_sims
+    from lib.metrics import evaluate_sims
     if o.eval_checkpoint:
         import arguments
         from lib.data import PrecompSplit

@@ -4,7 +4,7 @@
     matcher = Matcher.load('runs/f30k/model_best.pth')
     sims = matcher.similarities(matcher.encode_images(regions), matcher.encode_captions(captions))
 
-Encoding goes through eval.py's own code (lib.evaluation), so the similarities are eval.py's.
+Encoding goes through eval.py's own code (lib.encoding), so the similarities are eval.py's.
 docs/python_api.md shows the whole use; tests/test_python_api.py runs that page's code.
 """
 from types import SimpleNamespace
@@ -15,7 +15,7 @@ import torch
 from lib.data import TextSpec, tokenize_captions
 from lib.distributed import pick_device
 from lib.errors import UserError
-from lib.evaluation import encode_captions, encode_images
+from lib.encoding import encode_captions, encode_images
 from lib.models import load_model
 from lib.precision import autocast
 

@@ -9,7 +9,8 @@ from arguments import test_split_of
 from lib.data import PrecompSplit
 from lib.distributed import pick_device
 from lib.errors import UserError
-from lib.evaluation import check_fold5, split_sims
+from lib.encoding import split_sims
+from lib.metrics import check_fold5
 from lib.models import load_model
 from lib.precision import bf16_warning, set_tf32
 from lib.token_cache import resolve_cache_dir

@@ -6,7 +6,8 @@ import torch
 
 from lib.distributed import all_finite
 from lib.errors import UserError
-from lib.evaluation import RECALL_AT, evaluate_sims, format_result, split_sims
+from lib.encoding import split_sims
+from lib.metrics import RECALL_AT, evaluate_sims, format_result
 from lib.precision import autocast
 from lib.progress import progress
 from lib.resume import set_rng_state

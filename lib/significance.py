@@ -1,6 +1,6 @@
 """Is a difference between two models real? Paired bootstrap intervals and sign-flip p-values.
 
-Ranks are counted once per matrix (lib.evaluation); what is resampled are per-image values:
+Ranks are counted once per matrix (lib.metrics); what is resampled are per-image values:
 for each R@K, the image's own image-to-text hit (0/1) and the mean text-to-image hit of its P
 captions. The resampling unit is the image with its captions, so the two directions stay
 paired, and a model A and a model B are paired on the same images. The COCO 1K protocol
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from scipy import stats
 
-from lib import evaluation
-from lib.evaluation import RECALL_AT, check_fold5, check_sims_shape, i2t_ranks, t2i_ranks
+from lib import metrics as evaluation
+from lib.metrics import RECALL_AT, check_fold5, check_sims_shape, i2t_ranks, t2i_ranks
 
 METRICS = [f'{d}_r{k}' for d in ('i2t', 't2i') for k in RECALL_AT]  # the six R@K, then 'rsum'
 ALL_METRICS = METRICS + ['rsum']

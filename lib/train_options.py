@@ -18,6 +18,9 @@ def resolve_args(argv):
     args = arguments.parse_train_args(argv)
     if args.resume and args.init_from:
         raise UserError('--resume continues a run, --init_from starts a new one from weights: give one of them')
+    if args.resume and args.config:
+        raise UserError(f'--resume continues a run with its own options; --config {args.config} starts a new run '
+                        'from a file: give one of them')
     if args.resume:
         saved = ckpt_lib.read_checkpoint(args.resume)
         if saved['format'] != ckpt_lib.FORMAT or saved.get('optimizer') is None:

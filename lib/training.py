@@ -22,7 +22,8 @@ from lib.data import TrainDataset, collate
 from lib.distributed import all_gather_objects, all_max, barrier, wrap_ddp
 from lib.engine import train_one_epoch, unwrap, validate
 from lib.errors import UserError
-from lib.evaluation import evaluate_sims, format_result, save_sims
+from lib.metrics import evaluate_sims, format_result
+from lib.sims_file import save_sims
 from lib.optim import build_optimizer
 from lib.precision import grad_scaler
 from lib.resume import CheckpointSchedule, OffsetSampler, StopSignals, ignore_stop_signals, rng_state

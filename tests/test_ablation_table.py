@@ -8,7 +8,8 @@ import pytest
 
 from bench import ablation_table
 from lib import significance
-from lib.evaluation import evaluate_sims, save_sims
+from lib.metrics import evaluate_sims
+from lib.sims_file import save_sims
 
 
 def sims_for(seed, noise):

@@ -9,7 +9,7 @@ import pytest
 import eval as eval_script
 import train
 from conftest import write_precomp
-from lib.evaluation import load_sims
+from lib.sims_file import load_sims
 from test_errors import WORDS, bert_folder
 from test_evaluation import naive_i2t, naive_metrics, naive_t2i
 

@@ -21,7 +21,7 @@ from lib.compile import check_compile, compile_encoders
 from lib.distributed import DistEnv
 from lib.engine import train_one_epoch
 from lib.training import TrainState
-from lib.evaluation import load_sims
+from lib.sims_file import load_sims
 from lib.models import HREM, config_from_args
 from lib.optim import build_optimizer
 from lib.precision import DTYPES, grad_scaler, set_tf32

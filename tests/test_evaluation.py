@@ -5,9 +5,10 @@ import re
 import numpy as np
 import pytest
 
-from lib import evaluation
+from lib import metrics as evaluation
 from lib.errors import UserError
-from lib.evaluation import evaluate_sims, i2t_ranks, load_sims, rank_metrics, save_sims, t2i_ranks
+from lib.metrics import evaluate_sims, i2t_ranks, rank_metrics, t2i_ranks
+from lib.sims_file import load_sims, save_sims
 
 
 def naive_i2t(sims, per_image=5):

@@ -9,7 +9,8 @@ import torch
 
 from lib import extended_metrics as ext
 from lib.errors import UserError
-from lib.evaluation import evaluate_sims, save_sims
+from lib.metrics import evaluate_sims
+from lib.sims_file import save_sims
 
 
 @pytest.fixture(scope='module')

@@ -15,7 +15,7 @@ import torch
 import eval as eval_script
 from lib import checkpoint as ckpt_lib
 from lib.models import HREMConfig, config_from_dict, create_model, load_model
-from lib.evaluation import load_sims
+from lib.sims_file import load_sims
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, 'tests', 'fixtures', 'ckpt_5f4dd7a')

@@ -9,7 +9,7 @@ import torch
 import eval as eval_script
 import train
 from lib import training
-from lib.evaluation import load_sims
+from lib.sims_file import load_sims
 from test_errors import bert_folder, make_data, train_argv
 
 VAL_RSUMS = [10.0, 30.0, 20.0]  # per epoch: the second (checkpoint epoch 2) is the best

@@ -7,7 +7,7 @@ import pytest
 import eval as eval_script
 import search
 import train
-from lib.evaluation import load_sims
+from lib.sims_file import load_sims
 from test_evaluation import naive_i2t, naive_metrics, naive_t2i
 from test_errors import WORDS, bert_folder, train_argv, write_split
 

@@ -12,7 +12,7 @@ import eval as eval_script
 from lib import checkpoint as ckpt_lib
 from lib.api import Matcher
 from lib.errors import UserError
-from lib.evaluation import load_sims
+from lib.sims_file import load_sims
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, 'tests', 'fixtures', 'ckpt_5f4dd7a')  # written by 5f4dd7a (tests/fixtures/.../make.py)

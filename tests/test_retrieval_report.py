@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import eval as eval_tool
-from lib.evaluation import save_sims
+from lib.sims_file import save_sims
 from test_errors import bert_folder, make_data, precomp, run_main, save_checkpoint
 from tools import retrieval_report
 

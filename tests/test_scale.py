@@ -14,7 +14,7 @@ from lib.compile import check_compile
 from lib.data import PrecompSplit, TrainDataset, collate
 from lib.distributed import DistEnv
 from lib.errors import UserError
-from lib.evaluation import encode_images
+from lib.encoding import encode_images
 from lib.models import HREM, config_from_args
 from lib.precision import set_tf32
 from test_errors import assert_user_error, make_data, precomp, run_main, write_split

@@ -11,7 +11,7 @@ import train
 from lib import checkpoint as ckpt_lib
 from lib import run_folder
 from lib.errors import UserError
-from lib.evaluation import load_sims
+from lib.sims_file import load_sims
 from test_errors import REPO, assert_user_error, bert, data, run_main, train_argv  # noqa: F401 (fixtures)
 
 

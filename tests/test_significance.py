@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from lib import evaluation, significance
-from lib.evaluation import evaluate_sims, i2t_ranks, save_sims, t2i_ranks
+from lib import metrics as evaluation, significance
+from lib.metrics import evaluate_sims, i2t_ranks, t2i_ranks
+from lib.sims_file import save_sims
 from lib.errors import UserError
 
 

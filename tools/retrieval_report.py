@@ -31,12 +31,15 @@ import torch  # noqa: E402
 import arguments  # noqa: E402
 from lib.data import load_captions, split_files  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
-from lib.images import read_image  # noqa: E402
-from lib.evaluation import RECALL_AT, check_sims_shape, evaluate_sims, i2t_ranks, load_sims, t2i_ranks  # noqa: E402
+from lib.images import gallery_files, read_image, thumbnail  # noqa: E402
+from lib.metrics import RECALL_AT, check_sims_shape, evaluate_sims, i2t_ranks, t2i_ranks  # noqa: E402
+from lib.sims_file import load_sims  # noqa: E402
 from lib.checkpoint_sims import checkpoint_sims  # noqa: E402
 from lib.loading import read_model_file, saved_options  # noqa: E402
 
 THUMB = 128  # report thumbnails (pixels, letterboxed squares)
+# the page: HTML, CSS and JS with %TITLE% and the report's JSON filled in (a file of its own, in git)
+PAGE_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'templates', 'retrieval_report.html')
 FIGURE_THUMB = 256
 TOP_CHUNK = 2048  # queries whose top-k are taken at a time
 METRICS = [('i2t', f'r{k}') for k in RECALL_AT] + [('i2t', 'medr'), ('i2t', 'meanr')] + \
@@ -84,7 +87,6 @@ def split_captions(caps_path, n_captions):
 def image_files(image_dir, caps_path, split, n_images):
     """The split's image files, in its order (<split>_images.txt next to the captions, as written by
     tools/extract_features.py, or sorted file names), as search.py finds them."""
-    from lib.images import gallery_files
     return gallery_files(image_dir, os.path.dirname(os.path.abspath(caps_path)), split, n_images)
 
 
@@ -103,7 +105,7 @@ def top_k(sims, k):
 
 
 def analyse(sims, k, fold5=False):
-    """Metrics (lib.evaluation.evaluate_sims), ranks of the truth (its rank counting, 0-based) and
+    """Metrics (lib.metrics.evaluate_sims), ranks of the truth (its rank counting, 0-based) and
     the top-k of every query in both directions."""
     sims = np.asarray(sims, dtype=np.float32)
     per_image = check_sims_shape(sims)
@@ -130,7 +132,6 @@ def paired(a, b):
 # ----------------------------------------------------------------------------- thumbnails
 
 def letterbox(path, size):
-    from lib.images import thumbnail
     return thumbnail(path, size)
 
 
@@ -203,228 +204,22 @@ def write_report(out, meta, analyses, labels, captions, files):
         f.write('window.REPORT = ')
         json.dump(data, f, separators=(',', ':'))  # ASCII only: safe inside a script
         f.write(';\n')
-    page = PAGE.replace('%TITLE%', html.escape(meta['title'])) \
+    page = read_template().replace('%TITLE%', html.escape(meta['title'])) \
                .replace('%SUMMARY%', summary_html(meta, analyses, labels, diff, counts))
     with open(os.path.join(out, 'index.html'), 'w', encoding='utf-8') as f:
         f.write(page)
     return os.path.join(out, 'index.html')
 
 
+def read_template():
+    with open(PAGE_TEMPLATE, encoding='utf-8') as f:
+        return f.read()
+
+
 def folder_size(folder):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
 
 
-PAGE = r'''<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>%TITLE%</title>
-<style>
-body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0 24px 40px; color: #222; }
-h1 { font-size: 20px; margin: 16px 0 4px; }
-table.metrics { border-collapse: collapse; margin: 8px 0 16px; }
-table.metrics th, table.metrics td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
-table.metrics tr.diff td { font-weight: bold; }
-.controls { position: sticky; top: 0; background: #fafafa; border-bottom: 1px solid #ddd; padding: 8px 0;
-            display: flex; flex-wrap: wrap; gap: 10px; align-items: center; z-index: 2; }
-.controls button.active { background: #2a6fdb; color: #fff; border-color: #2a6fdb; }
-.controls input[type=search] { width: 260px; }
-.query { border-bottom: 1px solid #eee; padding: 8px 0; }
-.qhead { margin-bottom: 4px; }
-.qhead .qid { color: #888; margin-right: 6px; }
-.rank { display: inline-block; padding: 0 6px; border-radius: 3px; background: #eee; margin-left: 6px; font-size: 12px; }
-.rank.hit { background: #d7f3dc; } .rank.miss { background: #fbdada; }
-.better { color: #137a2a; font-weight: bold; } .worse { color: #b3261e; font-weight: bold; }
-.tops { display: flex; gap: 6px; align-items: flex-start; margin: 2px 0; }
-.tops .model { width: 18px; font-weight: bold; color: #555; padding-top: 4px; }
-.cell { width: 132px; border: 3px solid transparent; padding: 2px; font-size: 12px; }
-.cell img { width: 128px; height: 128px; display: block; }
-.cell.truth { border-color: #1a9c3a; background: #eefbf0; }
-.cell.truthref { border: 3px dashed #1a9c3a; margin-left: 14px; opacity: 0.85; }
-.cell .cap { color: #444; overflow: hidden; display: -webkit-box; -webkit-line-clamp: 4; -webkit-box-orient: vertical; }
-.cell .lbl { color: #666; }
-ol.caps { margin: 2px 0 2px 0; padding-left: 28px; }
-ol.caps li.truth { color: #137a2a; font-weight: bold; }
-.qimg img { width: 128px; height: 128px; display: block; }
-.i2t .query { display: flex; gap: 12px; align-items: flex-start; }
-.own { color: #666; font-size: 12px; }
-.pager { margin: 10px 0; }
-#status { color: #555; }
-</style></head>
-<body>
-<h1>%TITLE%</h1>
-<div id="summary">%SUMMARY%</div>
-<div class="controls">
-  <button id="view-t2i" class="active">text &rarr; image</button>
-  <button id="view-i2t">image &rarr; text</button>
-  <label>show <select id="filter">
-    <option value="0">all queries</option>
-    <option value="1">truth not in the top 1</option>
-    <option value="5">truth not in the top 5</option>
-    <option value="10">truth not in the top 10</option></select></label>
-  <label id="model-label" hidden>ranks of <select id="model"><option value="0">A</option><option value="1">B</option></select></label>
-  <label id="change-label" hidden><select id="change">
-    <option value="all">A and B alike or not</option>
-    <option value="b">B ranks the truth higher</option>
-    <option value="a">A ranks the truth higher</option>
-    <option value="changed">rank changed</option></select></label>
-  <label>sort <select id="sort">
-    <option value="worst">failures first (truth's rank)</option>
-    <option value="index">query order</option>
-    <option value="gain" data-compare>largest gain of B first</option>
-    <option value="loss" data-compare>largest loss of B first</option></select></label>
-  <input type="search" id="search" placeholder="filter queries by text">
-  <label>per page <select id="pagesize"><option value="25">25</option><option value="50" selected>50</option><option value="100">100</option></select></label>
-</div>
-<div class="pager"><button id="prev">&larr; previous</button> <span id="status"></span> <button id="next">next &rarr;</button></div>
-<div id="results"></div>
-<div class="pager"><button id="prev2">&larr; previous</button> <button id="next2">next &rarr;</button></div>
-<script src="report_data.js"></script>
-<script>
-"use strict";
-(function () {
-  var R = window.REPORT;
-  if (!R) { document.getElementById('results').textContent = 'report_data.js is missing next to index.html'; return; }
-  var M = R.meta, K = M.k, P = M.per_image, NM = R.t2i.rank.length, labels = 'AB';
-  var st = {view: 't2i', filter: 0, model: 0, change: 'all', sort: 'worst', search: '', page: 0, size: 50};
-  var lower = {t2i: null, i2t: null}, order = null, orderKey = '';
-  var $ = function (id) { return document.getElementById(id); };
-  function esc(s) { return String(s).replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;'); }
-  function nQueries(v) { return v === 't2i' ? M.n_captions : M.n_images; }
-  function truthOf(v, q) { return v === 't2i' ? Math.floor(q / P) : q; }
-  function texts(v) {  // lower-cased text of every query, built on the first search
-    if (!lower[v]) {
-      var n = nQueries(v), a = new Array(n);
-      for (var q = 0; q < n; q++) a[q] = (v === 't2i' ? R.captions[q] : ('image ' + q + ' ' + R.captions.slice(q * P, q * P + P).join(' '))).toLowerCase();
-      lower[v] = a;
-    }
-    return lower[v];
-  }
-  function sorted(v) {  // query order of the current sort (cached)
-    var key = v + st.sort + st.model;
-    if (orderKey === key) return order;
-    var n = nQueries(v), idx = new Array(n), r = R[v].rank, m = st.model;
-    for (var q = 0; q < n; q++) idx[q] = q;
-    if (st.sort === 'worst') idx.sort(function (x, y) { return r[m][y] - r[m][x] || x - y; });
-    else if (st.sort === 'gain') idx.sort(function (x, y) { return (r[0][y] - r[1][y]) - (r[0][x] - r[1][x]) || x - y; });
-    else if (st.sort === 'loss') idx.sort(function (x, y) { return (r[1][y] - r[0][y]) - (r[1][x] - r[0][x]) || x - y; });
-    order = idx; orderKey = key;
-    return idx;
-  }
-  function selected() {
-    var v = st.view, r = R[v].rank, m = st.model, f = st.filter, words = st.search.toLowerCase().trim();
-    var t = words ? texts(v) : null, out = [], idx = sorted(v);
-    for (var i = 0; i < idx.length; i++) {
-      var q = idx[i];
-      if (f && r[m][q] < f) continue;
-      if (NM > 1 && st.change !== 'all') {
-        var a = r[0][q], b = r[1][q];
-        if ((st.change === 'b' && !(b < a)) || (st.change === 'a' && !(a < b)) || (st.change === 'changed' && a === b)) continue;
-      }
-      if (t && t[q].indexOf(words) < 0) continue;
-      out.push(q);
-    }
-    return out;
-  }
-  function rankBadge(v, q, m) {
-    var rank = R[v].rank[m][q] + 1, cls = rank <= K ? 'hit' : 'miss';
-    var s = '<span class="rank ' + cls + '" data-model="' + m + '" data-rank="' + rank + '">' +
-            (NM > 1 ? labels[m] + ': ' : '') + 'truth at rank ' + rank + '</span>';
-    return s;
-  }
-  function change(v, q) {
-    if (NM < 2) return '';
-    var a = R[v].rank[0][q], b = R[v].rank[1][q];
-    if (b < a) return ' <span class="better" data-change="b">B better by ' + (a - b) + '</span>';
-    if (a < b) return ' <span class="worse" data-change="a">A better by ' + (b - a) + '</span>';
-    return '';
-  }
-  function imageCell(i, score, j, truth) {
-    var s = '<div class="cell' + (i === truth ? ' truth' : '') + '" data-image="' + i + '" title="' +
-            esc(R.captions.slice(i * P, i * P + P).join('\n')) + '">';
-    if (R.thumbs) s += '<img loading="lazy" src="thumbs/' + R.thumbs[i] + '" alt="image ' + i + '">';
-    s += '<div class="lbl">' + (j + 1) + '. image ' + i + ' &middot; ' + score.toFixed(3) + (i === truth ? ' &#10003;' : '') + '</div>';
-    if (!R.thumbs) s += '<div class="cap">' + esc(R.captions[i * P]) + '</div>';
-    return s + '</div>';
-  }
-  function renderT2I(q) {
-    var truth = truthOf('t2i', q), s = '<div class="query" data-query="' + q + '" data-truth="' + truth + '">';
-    s += '<div class="qhead"><span class="qid">caption ' + q + '</span>' + esc(R.captions[q]);
-    for (var m = 0; m < NM; m++) s += rankBadge('t2i', q, m);
-    s += change('t2i', q) + '</div>';
-    for (m = 0; m < NM; m++) {
-      s += '<div class="tops" data-model="' + m + '">' + (NM > 1 ? '<span class="model">' + labels[m] + '</span>' : '');
-      for (var j = 0; j < K; j++) s += imageCell(R.t2i.top[m][q * K + j], R.t2i.score[m][q * K + j], j, truth);
-      var rank = R.t2i.rank[m][q] + 1;
-      if (rank > K) {  // the truth, for reference, after the top k
-        s += '<div class="cell truthref" data-truth-image="' + truth + '" title="' + esc(R.captions.slice(truth * P, truth * P + P).join('\n')) + '">';
-        if (R.thumbs) s += '<img loading="lazy" src="thumbs/' + R.thumbs[truth] + '" alt="image ' + truth + '">';
-        s += '<div class="lbl">the truth: image ' + truth + ', rank ' + rank + '</div>';
-        if (!R.thumbs) s += '<div class="cap">' + esc(R.captions[truth * P]) + '</div>';
-        s += '</div>';
-      }
-      s += '</div>';
-    }
-    return s + '</div>';
-  }
-  function renderI2T(q) {
-    var s = '<div class="query" data-query="' + q + '" data-truth="' + q + '">';
-    if (R.thumbs) s += '<div class="qimg"><img src="thumbs/' + R.thumbs[q] + '" alt="image ' + q + '"></div>';
-    s += '<div class="qbody"><div class="qhead"><span class="qid">image ' + q + '</span>';
-    for (var m = 0; m < NM; m++) s += rankBadge('i2t', q, m);
-    s += change('i2t', q) + '</div><details class="own"><summary>its captions</summary>' +
-         esc(R.captions.slice(q * P, q * P + P).join(' | ')) + '</details>';
-    for (m = 0; m < NM; m++) {
-      s += '<div class="tops" data-model="' + m + '">' + (NM > 1 ? '<span class="model">' + labels[m] + '</span>' : '') + '<ol class="caps">';
-      for (var j = 0; j < K; j++) {
-        var c = R.i2t.top[m][q * K + j], ok = Math.floor(c / P) === q;
-        s += '<li class="' + (ok ? 'truth' : '') + '" data-caption="' + c + '">' + (ok ? '&#10003; ' : '') + esc(R.captions[c]) +
-             ' <span class="lbl">(caption ' + c + ', image ' + Math.floor(c / P) + ', ' + R.i2t.score[m][q * K + j].toFixed(3) + ')</span></li>';
-      }
-      s += '</ol></div>';
-    }
-    return s + '</div></div>';
-  }
-  function render() {
-    var t0 = performance.now(), qs = selected(), pages = Math.max(1, Math.ceil(qs.length / st.size));
-    if (st.page >= pages) st.page = pages - 1;
-    var from = st.page * st.size, to = Math.min(qs.length, from + st.size), parts = [];
-    var fn = st.view === 't2i' ? renderT2I : renderI2T;
-    for (var i = from; i < to; i++) parts.push(fn(qs[i]));
-    var box = $('results');
-    box.className = st.view;
-    box.innerHTML = parts.join('') || '<p>no query matches</p>';
-    $('status').textContent = (qs.length ? (from + 1) + '\u2013' + to : '0') + ' of ' + qs.length + ' ' +
-      (st.view === 't2i' ? 'caption' : 'image') + ' queries (' + nQueries(st.view) + ' in all), page ' + (st.page + 1) + ' of ' + pages;
-    $('status').dataset.matches = qs.length; $('status').dataset.page = st.page + 1; $('status').dataset.pages = pages;
-    $('prev').disabled = $('prev2').disabled = st.page === 0;
-    $('next').disabled = $('next2').disabled = st.page >= pages - 1;
-    window.REPORT_RENDER_MS = performance.now() - t0;
-    if (window.REPORT_FIRST_PAGE_MS === undefined) {  // since the navigation's start
-      window.REPORT_FIRST_PAGE_MS = performance.now();
-      requestAnimationFrame(function () { setTimeout(function () { window.REPORT_FIRST_PAINT_MS = performance.now(); }, 0); });
-    }
-    document.body.dataset.rendered = (+document.body.dataset.rendered || 0) + 1;
-  }
-  function set(k, v) { st[k] = v; if (k !== 'page') st.page = 0; render(); }
-  if (NM > 1) { $('model-label').hidden = false; $('change-label').hidden = false; }
-  else Array.prototype.forEach.call(document.querySelectorAll('#sort option[data-compare]'), function (o) { o.remove(); });
-  $('view-t2i').onclick = function () { $('view-t2i').className = 'active'; $('view-i2t').className = ''; set('view', 't2i'); };
-  $('view-i2t').onclick = function () { $('view-i2t').className = 'active'; $('view-t2i').className = ''; set('view', 'i2t'); };
-  $('filter').onchange = function () { set('filter', +this.value); };
-  $('model').onchange = function () { set('model', +this.value); };
-  $('change').onchange = function () { set('change', this.value); };
-  $('sort').onchange = function () { set('sort', this.value); };
-  $('pagesize').onchange = function () { set('size', +this.value); };
-  var timer = null;
-  $('search').oninput = function () { var v = this.value; clearTimeout(timer); timer = setTimeout(function () { set('search', v); }, 150); };
-  $('prev').onclick = $('prev2').onclick = function () { if (st.page > 0) set('page', st.page - 1); };
-  $('next').onclick = $('next2').onclick = function () { set('page', st.page + 1); };
-  render();
-})();
-</script>
-</body></html>
-'''
 
 
 # ----------------------------------------------------------------------------- the figure
@@ -534,7 +329,7 @@ def parse_args(argv=None):
                                       '--data_path and --split)')
     p.add_argument('--data_path', help="the precomp data folder; the checkpoint's when not given")
     p.add_argument('--dataset', help="dataset name; the checkpoint's when not given")
-    p.add_argument('--split', help="split to report on; the dataset's test split (COCO: testall) when not given")
+    arguments.add_split_arg(p, 'split to report on')
     p.add_argument('--bert_path', help="text model folder; the checkpoint's when not given")
     p.add_argument('--image_dir', help="the split's images (listed by <split>_images.txt next to the captions, or "
                                        'in sorted file-name order): thumbnails in the report and the figure')
@@ -547,7 +342,7 @@ def parse_args(argv=None):
                                                           'spread over the split when not given')
     p.add_argument('--image_queries', type=int, nargs='*', help="image indices of the figure's image queries "
                                                                 '(none: give the option with no value)')
-    p.add_argument('--device', help='cuda, cuda:N or cpu; cuda when present if not given')
+    arguments.add_device_arg(p)
     p.add_argument('--batch_size', type=int, default=128, help='encoding batch size')
     args = p.parse_args(argv)
     if not args.out and not args.figure:
