@@ -16,15 +16,12 @@ import sys
 import numpy as np
 
 import arguments
-from lib import significance
-from lib.data import PrecompSplit
-from lib.distributed import pick_device
 from lib.errors import UserError, exit_on_user_error
-from lib.evaluation import check_fold5, evaluate_sims, format_result, load_sims, save_sims, split_sims
-from lib.inference import load_for_inference
-from lib.precision import bf16_warning, set_tf32
-from lib.token_cache import resolve_cache_dir
+from lib.evaluation import check_fold5, evaluate_sims, format_result, load_sims, save_sims
 from lib.writing import atomic_write
+
+# The model, data and statistics modules (and through them scipy) are imported by the paths that
+# use them, so that ranking a saved matrix (--sims) loads none of them.
 
 
 def get_parser():
@@ -63,6 +60,12 @@ def get_parser():
 def checkpoint_sims(opts, checkpoints=None):
     """(similarities, the precomp folder and split name of the first checkpoint's split) of
     opts.checkpoint (or of the given checkpoints), averaged when there are several."""
+    from lib.data import PrecompSplit
+    from lib.distributed import pick_device
+    from lib.evaluation import split_sims
+    from lib.inference import load_for_inference
+    from lib.precision import bf16_warning, set_tf32
+    from lib.token_cache import resolve_cache_dir
     device = pick_device(opts.device)
     set_tf32(device, opts.tf32)
     if bf16_warning(device, opts.precision):
@@ -121,6 +124,7 @@ def load_side(opts, spec):
 
 
 def run_compare(opts):
+    from lib import significance
     if opts.bootstrap < 1:
         raise UserError(f'--bootstrap {opts.bootstrap}: give at least 1 resample (1000 is usual)')
     a, b = (load_side(opts, spec) for spec in opts.compare)
@@ -164,6 +168,7 @@ def main(argv=None):
     if opts.ci:
         if opts.bootstrap < 1:
             raise UserError(f'--bootstrap {opts.bootstrap}: give at least 1 resample (1000 is usual)')
+        from lib import significance
         doc['ci'] = {'full': significance.intervals(sims, opts.bootstrap, opts.seed)}
         if opts.fold5:
             doc['ci']['1k-mean'] = significance.intervals(sims, opts.bootstrap, opts.seed, fold5=True)
