@@ -14,12 +14,13 @@ import logging
 import numpy as np
 
 import arguments
-from lib import significance
-from lib.checkpoint_sims import checkpoint_sims
 from lib.errors import UserError, exit_on_user_error
 from lib.metrics import check_fold5, evaluate_sims, format_result
 from lib.sims_file import load_sims, save_sims
 from lib.writing import atomic_write
+
+# The model, data and statistics modules (and through them scipy) are imported by the paths that
+# use them, so that ranking a saved matrix (--sims) loads none of them.
 
 
 def get_parser():
@@ -56,7 +57,8 @@ def get_parser():
 
 
 def checkpoint_sims_of(opts, paths=None):
-    """checkpoint_sims (lib/checkpoint_sims.py) with this command line's options."""
+    """lib.checkpoint_sims.checkpoint_sims with this command line's options."""
+    from lib.checkpoint_sims import checkpoint_sims
     return checkpoint_sims(paths or opts.checkpoint, opts.device, data_path=opts.data_path, dataset=opts.dataset,
                            split=opts.split, bert_path=opts.bert_path, batch_size=opts.batch_size,
                            precision=opts.precision, tf32=opts.tf32, cache_dir=opts.cache_dir, fold5=opts.fold5,
@@ -77,6 +79,7 @@ def load_side(opts, spec):
 
 
 def run_compare(opts):
+    from lib import significance
     if opts.bootstrap < 1:
         raise UserError(f'--bootstrap {opts.bootstrap}: give at least 1 resample (1000 is usual)')
     a, b = (load_side(opts, spec) for spec in opts.compare)
@@ -120,6 +123,7 @@ def main(argv=None):
     if opts.ci:
         if opts.bootstrap < 1:
             raise UserError(f'--bootstrap {opts.bootstrap}: give at least 1 resample (1000 is usual)')
+        from lib import significance
         doc['ci'] = {'full': significance.intervals(sims, opts.bootstrap, opts.seed)}
         if opts.fold5:
             doc['ci']['1k-mean'] = significance.intervals(sims, opts.bootstrap, opts.seed, fold5=True)
