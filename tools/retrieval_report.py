@@ -35,6 +35,7 @@ from lib.images import read_image  # noqa: E402
 from lib.evaluation import RECALL_AT, check_sims_shape, evaluate_sims, i2t_ranks, load_sims, t2i_ranks  # noqa: E402
 from lib.checkpoint_sims import checkpoint_sims  # noqa: E402
 from lib.loading import read_model_file, saved_options  # noqa: E402
+from lib.writing import atomic_write  # noqa: E402
 
 THUMB = 128  # report thumbnails (pixels, letterboxed squares)
 FIGURE_THUMB = 256
@@ -199,13 +200,13 @@ def write_report(out, meta, analyses, labels, captions, files):
         diff, counts = paired(*analyses)
     meta = dict(meta, labels=labels)
     data = report_data(meta, analyses, captions, thumbs)
-    with open(os.path.join(out, 'report_data.js'), 'w', encoding='utf-8') as f:
+    with atomic_write(os.path.join(out, 'report_data.js'), 'w', encoding='utf-8') as f:
         f.write('window.REPORT = ')
         json.dump(data, f, separators=(',', ':'))  # ASCII only: safe inside a script
         f.write(';\n')
     page = PAGE.replace('%TITLE%', html.escape(meta['title'])) \
                .replace('%SUMMARY%', summary_html(meta, analyses, labels, diff, counts))
-    with open(os.path.join(out, 'index.html'), 'w', encoding='utf-8') as f:
+    with atomic_write(os.path.join(out, 'index.html'), 'w', encoding='utf-8') as f:
         f.write(page)
     return os.path.join(out, 'index.html')
 
