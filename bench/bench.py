@@ -569,7 +569,8 @@ def main(argv=None):
     text = json.dumps(report, indent=1)
     print(text)
     if o.out:
-        with open(o.out, 'w') as f:
+        from lib.writing import atomic_write
+        with atomic_write(o.out, 'w') as f:
             f.write(text + '\n')
 
 

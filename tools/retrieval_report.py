@@ -35,7 +35,7 @@ from lib.images import read_image  # noqa: E402
 from lib.evaluation import RECALL_AT, check_sims_shape, evaluate_sims, i2t_ranks, load_sims, t2i_ranks  # noqa: E402
 from lib.checkpoint_sims import checkpoint_sims  # noqa: E402
 from lib.loading import read_model_file, saved_options  # noqa: E402
-from lib.writing import atomic_write  # noqa: E402
+from lib.writing import atomic_write, save_figure  # noqa: E402
 
 THUMB = 128  # report thumbnails (pixels, letterboxed squares)
 FIGURE_THUMB = 256
@@ -513,8 +513,7 @@ def draw_figure(path, a, captions, files, queries, image_queries, k):
             line = '\n'.join(textwrap.wrap(captions[c], int((width - x0) * 13)))[:200]
             fig.text(x0 / width, (y + h - 0.2 - 0.3 * j) / total, f'{"✓" if ok else "✗"} {j + 1}. {line.splitlines()[0]}',
                      fontsize=9, va='top', color='#137a2a' if ok else '#444444', fontweight='bold' if ok else 'normal')
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=200 if path.lower().endswith('.png') else None)
+    save_figure(fig, path, dpi=200 if path.lower().endswith('.png') else None)
     plt.close(fig)
     return drawn
 
