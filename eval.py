@@ -90,7 +90,7 @@ def run_compare(opts):
           f"{'COCO 1K (mean of 5 folds)' if opts.fold5 else 'whole split'}, {a[0].shape[0]} images")
     print(significance.format_compare(result))
     if opts.json:
-        with open(opts.json, 'w') as f:
+        with atomic_write(opts.json, 'w') as f:
             json.dump({'compare': {'a': opts.compare[0], 'b': opts.compare[1], 'fold5': opts.fold5,
                                    'seed': opts.seed, **result}}, f, indent=2)
     return result

@@ -25,6 +25,7 @@ import arguments  # noqa: E402
 from lib import significance  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
 from lib.sims_file import load_sims  # noqa: E402
+from lib.writing import atomic_write  # noqa: E402
 
 VARIANTS = ['full', 'no_instance_relation', 'no_connection', 'no_relevance', 'no_regulariser', 'no_cross_loss',
             'no_fragment_transformer']
@@ -114,7 +115,7 @@ def main(argv=None):
     if missing:
         print(f"\nmissing or unfinished, left out: {', '.join(missing)}")
     if args.json:
-        with open(args.json, 'w') as f:
+        with atomic_write(args.json, 'w') as f:
             json.dump({'rows': rows, 'missing': missing, 'bootstrap': args.bootstrap}, f, indent=2)
     return rows, missing
 

@@ -6,6 +6,10 @@
 # Runs go to runs/ablations/<name>_s<seed>; an existing finished run is skipped, so the script
 # can be rerun to add seeds. Each run is the demo's `python train.py` with one switch changed.
 set -euo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then  # print the header above, run nothing
+  sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  exit 0
+fi
 cd "$(dirname "$0")/.."
 seeds=("${@:-0}")
 declare -A variants=(

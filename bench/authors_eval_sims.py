@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import arguments  # noqa: E402
-from lib.evaluation import save_sims  # noqa: E402
+from lib.sims_file import save_sims  # noqa: E402
 
 
 def get_parser():

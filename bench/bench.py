@@ -530,7 +530,7 @@ def parse(argv=None):
     p.add_argument('--text', default='bert-base', choices=list(TEXT_MODELS),
                    help='text model sizes for the step (random weights)')
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'], help='autocast precision of the step')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda, cuda:N or cpu')
+    p.add_argument('--device', default=None, help='cuda, cuda:N or cpu; when not given: cuda when present, else cpu')
     p.add_argument('--repeat', type=int, default=3, help='timed repetitions (the median is reported)')
     p.add_argument('--threads', type=int, default=0, help='CPU threads of torch (0: its default)')
     p.add_argument('--eval_images', type=int, default=5000, help='images of the ranked matrix (5000: COCO 5K with the five 1K folds)')
@@ -546,7 +546,9 @@ def parse(argv=None):
     p.add_argument('--eval_batch_size', type=int, default=128, help='encoding batch size of precision_eval')
     p.add_argument('--out', default=None, help='also write the JSON to this file')
     p.add_argument('--part', help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    o = p.parse_args(argv)
+    o.device = o.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    return o
 
 
 def main(argv=None):
@@ -554,7 +556,8 @@ def main(argv=None):
     if o.part:
         return child(o)
     report = {'machine': {'platform': platform.platform(), 'processor': platform.processor(),
-                          'cpus': os.cpu_count(), 'load_average': os.getloadavg(), 'torch': torch.__version__,
+                          'cpus': os.cpu_count(), 'cpu_capability': torch.backends.cpu.get_cpu_capability(),
+                          'load_average': os.getloadavg(), 'torch': torch.__version__,
                           'gpu': torch.cuda.get_device_name() if o.device.startswith('cuda') else None},
               'options': {k: v for k, v in vars(o).items() if k not in ('part', 'out')}, 'results': {}}
     argv = sys.argv[1:] if argv is None else argv
@@ -567,7 +570,8 @@ def main(argv=None):
     text = json.dumps(report, indent=1)
     print(text)
     if o.out:
-        with open(o.out, 'w') as f:
+        from lib.writing import atomic_write
+        with atomic_write(o.out, 'w') as f:
             f.write(text + '\n')
 
 

@@ -11,6 +11,10 @@
 # Without a CUDA GPU it says so and exits 0 (the cuda tests are skipped by the CPU suite).
 # Exit status: 0 when every test passed, 1 otherwise (the JSON file is written either way).
 set -uo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then  # print the header above, run nothing
+  sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  exit 0
+fi
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/gpu_check.json}
 PYTHON=${PYTHON:-python}

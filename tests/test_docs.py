@@ -7,8 +7,10 @@ import glob
 import importlib
 import os
 import re
+import subprocess
 
 import pytest
+import torch
 
 import arguments
 import train
@@ -294,3 +296,149 @@ def test_the_formatter_appends_the_default_exactly_once():
     assert 'an a (default: 3)' in text and "when not given: the checkpoint's --c" in text
     assert 'a c --d' in text and 'a d (default: True)' in text and 'an e of 20% more (default: 15 25)' in text
     assert 'an f --g' in text and text.count('(default:') == 3
+
+
+# ----------------------------------------------------------------------------- mechanical checks of facts
+
+README = os.path.join(ROOT, 'README.md')
+LINE_BUDGET = 1574  # README.md + docs/*.md: the issue asks for fewer lines than the 1,574 of docs/ before it
+README_BUDGET = 250
+
+
+def layout_entries(text):
+    """{path named in the README's project layout block: the line it is named on}; a bare file name on
+    an entry's continuation line (`tools/   check_data.py (...), ...`) belongs to the entry's folder."""
+    block = re.search(r'## Project layout\n+```\n(.*?)```', text, re.S)
+    assert block, 'README.md has no ``` block under "## Project layout"'
+    named, folder = {}, None
+    for line in block.group(1).splitlines():
+        if line and not line[0].isspace():
+            first = line.split()[0]
+            folder = first if first.endswith('/') else None  # bare names belong to a folder entry only
+            named[first.rstrip('/')] = line
+        for name in re.findall(r'(?<![\w/.-])([\w/-]+\.(?:py|sh))\b', line):
+            if '/' in name:
+                named[name] = line
+            elif folder:
+                named[folder + name] = line
+    return named
+
+
+def project_files():
+    """What the layout must name: the scripts, every module and package of lib/, every file of bench/
+    and tools/ (tests/ and docs/ are named as folders)."""
+    files = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, '*.py'))}
+    for folder in ('lib', 'bench', 'tools'):
+        for p in glob.glob(os.path.join(ROOT, folder, '*')):
+            name = os.path.basename(p)
+            if name.startswith(('_', '.')) or name.endswith(('.json', '.pyc')):
+                continue
+            if os.path.isdir(p) and not os.path.exists(os.path.join(p, '__init__.py')):
+                continue
+            files.add(f'{folder}/{name}')
+    return files
+
+
+def test_the_layout_list_names_every_file_and_only_existing_ones():
+    named = layout_entries(read(README))
+    missing_files = sorted(p for p in named if not os.path.exists(os.path.join(ROOT, p)))
+    unnamed = sorted(f for f in project_files() if f not in named and f.rstrip('/') not in named)
+    assert not missing_files, f'README.md layout names files that do not exist: {missing_files}'
+    assert not unnamed, f'README.md layout does not name: {unnamed}'
+
+
+def test_the_layout_check_sees_a_missing_and_an_invented_file():
+    named = layout_entries('## Project layout\n\n```\ntrain.py   x\nlib/nothing.py  y (eval.py --z)\n'
+                           'tools/     check_data.py (a),\n           plot_curves.py\n```\n')
+    assert {'train.py', 'lib/nothing.py', 'tools', 'tools/check_data.py', 'tools/plot_curves.py'} == set(named)
+    assert not os.path.exists(os.path.join(ROOT, 'lib/nothing.py'))
+    assert 'lib/significance.py' in project_files() and 'bench/ablation_table.py' in project_files()
+
+
+# files the pages name that are not in this repository, each for its reason
+NOT_HERE = {'lib/mca.py': "the authors' code (differences.md)",
+            'bench/gpu_check.json': 'the output of bench/gpu_check.sh',
+            'docs/compute.md': 'added by another branch; drop this entry once merged'}
+REPO_PATH = re.compile(r'(?<![\w/.-])((?:lib|tools|bench|tests|docs|imgs|\.ci)/[\w./-]*[\w/])')
+
+
+@pytest.mark.parametrize('page', PAGES, ids=rel)
+def test_every_repository_path_named_exists(page):
+    missing = {p for p in REPO_PATH.findall(read(page)) if p not in NOT_HERE
+               and not os.path.exists(os.path.join(ROOT, p))}
+    assert not missing, f'{rel(page)} names files that do not exist: {sorted(missing)}'
+
+
+def recall_rows(text):
+    """(six recalls, rsum) of every table cell written `a b c / d e f, rsum`."""
+    for cell in re.findall(r'\|\s*([\d. ]+/[\d. ]+,\s*[\d.]+)\s*(?=\|)', text):
+        numbers = [float(x) for x in re.findall(r'\d+(?:\.\d+)?', cell)]
+        if len(numbers) == 7:
+            yield numbers[:6], numbers[6]
+
+
+@pytest.mark.parametrize('page', PAGES, ids=rel)
+def test_every_results_row_s_rsum_is_the_sum_of_its_six_recalls(page):
+    wrong = [f'{recalls} sum to {sum(recalls):.1f}, not {rsum}' for recalls, rsum in recall_rows(read(page))
+             if abs(sum(recalls) - rsum) > 0.05]
+    assert not wrong, f'{rel(page)}: ' + '; '.join(wrong)
+
+
+def test_the_rsum_check_reads_the_rows():
+    rows = list(recall_rows('| x | 86.3 97.6 99.4 / 69.5 91.0 94.4, 538.1 | rsum 534.2 |\n'))
+    assert rows == [([86.3, 97.6, 99.4, 69.5, 91.0, 94.4], 538.1)]
+    assert any(recall_rows(read(README))), 'the README results table is no longer read'
+
+
+def machine_ids():
+    table = re.search(r'## Machines\n(.*?)\n## ', read(os.path.join(ROOT, 'docs', 'benchmarks.md')), re.S)
+    assert table, 'docs/benchmarks.md has no "## Machines" section'
+    return set(re.findall(r'^\| (M\d+) \|', table.group(1), re.M))
+
+
+@pytest.mark.parametrize('page', PAGES, ids=rel)
+def test_every_measured_figure_names_a_machine_of_the_table(page):
+    """A sentence that says `Measured on` / `Measured:` names its machine (M1, M2, ...) on that line,
+    and every machine id used anywhere is a row of the machine table."""
+    ids = machine_ids()
+    text = FENCE.sub('', read(page))
+    unnamed = [line.strip()[:80] for line in text.splitlines()
+               if re.search(r'\bMeasured(?: on|:)', line) and not line.startswith('#')
+               and not re.search(r'\bM\d+\b', line)]
+    unknown = sorted(set(re.findall(r'\b(M\d+)\b', text)) - ids)
+    assert not unnamed, f'{rel(page)}: measured figures without a machine id: {unnamed}'
+    assert not unknown, f'{rel(page)}: machine ids not in the table of docs/benchmarks.md: {unknown}'
+
+
+def test_the_machine_table_holds_the_machines_the_figures_came_from():
+    assert {'M1', 'M2', 'M3'} <= machine_ids()
+
+
+def test_the_docs_stay_within_their_line_budget():
+    counts = {rel(p): read(p).count('\n') for p in PAGES}
+    assert sum(counts.values()) < LINE_BUDGET, f'{sum(counts.values())} lines of docs: {counts}'
+    assert counts['README.md'] < README_BUDGET
+
+
+@pytest.mark.parametrize('script', sorted(glob.glob(os.path.join(ROOT, 'bench', '*.sh'))), ids=rel)
+def test_every_bench_shell_script_answers_help_and_runs_nothing(script, tmp_path):
+    """--help prints the usage and exits 0 without starting Python: a `python` on PATH that leaves a
+    trace shows whether anything ran."""
+    trace = tmp_path / 'ran'
+    fake = tmp_path / 'bin'
+    fake.mkdir()
+    for name in ('python', 'python3'):
+        (fake / name).write_text(f'#!/bin/sh\necho "$@" >> {trace}\n')
+        (fake / name).chmod(0o755)
+    env = {**os.environ, 'PATH': f'{fake}:{os.environ["PATH"]}', 'PYTHON': str(fake / 'python')}
+    for flag in ('--help', '-h'):
+        done = subprocess.run(['bash', script, flag], capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert f'bash bench/{os.path.basename(script)}' in done.stdout
+        assert not trace.exists(), f'{rel(script)} {flag} ran: {trace.read_text()}'
+
+
+def test_bench_device_default_is_the_device_it_uses():
+    bench = importlib.import_module('bench.bench')
+    assert bench.parse([]).device == ('cuda' if torch.cuda.is_available() else 'cpu')
+    assert bench.parse(['--device', 'cpu']).device == 'cpu'

@@ -36,6 +36,7 @@ from lib.metrics import RECALL_AT, check_sims_shape, evaluate_sims, i2t_ranks, t
 from lib.sims_file import load_sims  # noqa: E402
 from lib.checkpoint_sims import checkpoint_sims  # noqa: E402
 from lib.loading import read_model_file, saved_options  # noqa: E402
+from lib.writing import atomic_write, save_figure  # noqa: E402
 
 THUMB = 128  # report thumbnails (pixels, letterboxed squares)
 # the page: HTML, CSS and JS with %TITLE% and the report's JSON filled in (a file of its own, in git)
@@ -200,13 +201,13 @@ def write_report(out, meta, analyses, labels, captions, files):
         diff, counts = paired(*analyses)
     meta = dict(meta, labels=labels)
     data = report_data(meta, analyses, captions, thumbs)
-    with open(os.path.join(out, 'report_data.js'), 'w', encoding='utf-8') as f:
+    with atomic_write(os.path.join(out, 'report_data.js'), 'w', encoding='utf-8') as f:
         f.write('window.REPORT = ')
         json.dump(data, f, separators=(',', ':'))  # ASCII only: safe inside a script
         f.write(';\n')
     page = read_template().replace('%TITLE%', html.escape(meta['title'])) \
                .replace('%SUMMARY%', summary_html(meta, analyses, labels, diff, counts))
-    with open(os.path.join(out, 'index.html'), 'w', encoding='utf-8') as f:
+    with atomic_write(os.path.join(out, 'index.html'), 'w', encoding='utf-8') as f:
         f.write(page)
     return os.path.join(out, 'index.html')
 
@@ -307,8 +308,7 @@ def draw_figure(path, a, captions, files, queries, image_queries, k):
             line = '\n'.join(textwrap.wrap(captions[c], int((width - x0) * 13)))[:200]
             fig.text(x0 / width, (y + h - 0.2 - 0.3 * j) / total, f'{"✓" if ok else "✗"} {j + 1}. {line.splitlines()[0]}',
                      fontsize=9, va='top', color='#137a2a' if ok else '#444444', fontweight='bold' if ok else 'normal')
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=200 if path.lower().endswith('.png') else None)
+    save_figure(fig, path, dpi=200 if path.lower().endswith('.png') else None)
     plt.close(fig)
     return drawn
 
