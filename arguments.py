@@ -111,7 +111,10 @@ def add_cache_arg(group):
 
 
 def add_model_args(parser):
+    from lib.models import model_names
     g = parser.add_argument_group('model (fragment-level relations)')
+    g.add_argument('--model', default='hrem', choices=model_names(),
+                   help='the model to train (lib/models; docs/adding_a_model.md)')
     g.add_argument('--embed_size', type=positive_int, default=1024, help='joint embedding size E')
     g.add_argument('--residual_weight', type=float, default=0.8,
                    help='g = w * MaxK(x) + (1 - w) * mean(Transformer(x))')

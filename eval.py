@@ -10,20 +10,14 @@
 import argparse
 import json
 import logging
-import os
-import sys
 
 import numpy as np
 
 import arguments
 from lib import significance
-from lib.data import PrecompSplit
-from lib.distributed import pick_device
+from lib.checkpoint_sims import checkpoint_sims
 from lib.errors import UserError, exit_on_user_error
-from lib.evaluation import check_fold5, evaluate_sims, format_result, load_sims, save_sims, split_sims
-from lib.inference import load_for_inference
-from lib.precision import bf16_warning, set_tf32
-from lib.token_cache import resolve_cache_dir
+from lib.evaluation import check_fold5, evaluate_sims, format_result, load_sims, save_sims
 from lib.writing import atomic_write
 
 
@@ -60,51 +54,12 @@ def get_parser():
     return p
 
 
-def checkpoint_sims(opts, checkpoints=None):
-    """(similarities, the precomp folder and split name of the first checkpoint's split) of
-    opts.checkpoint (or of the given checkpoints), averaged when there are several."""
-    device = pick_device(opts.device)
-    set_tf32(device, opts.tf32)
-    if bf16_warning(device, opts.precision):
-        print(f'warning: {bf16_warning(device, opts.precision)}', file=sys.stderr)
-    all_sims, splits, first = [], {}, None
-    for path in checkpoints or opts.checkpoint:
-        model, args, tokenizer = load_for_inference(path, device, opts.bert_path)
-        data_path = opts.data_path or args.data_path
-        dataset = opts.dataset or args.dataset
-        split_name = opts.split or arguments.test_split_of(dataset)
-        key = (data_path, dataset, split_name, args.bert_path)
-        if key not in splits:  # captions are tokenised once per text model
-            splits[key] = PrecompSplit(data_path, dataset, split_name, tokenizer, show_progress=True,
-                                       cache_dir=resolve_cache_dir(opts.cache_dir))
-            if opts.fold5:  # before any encoding
-                check_fold5(splits[key].n_images, splits[key].ims_path)
-            if opts.eccv:  # before any encoding too
-                check_eccv_split(splits[key], split_name)
-            splits[key].check_finite()
-            if splits[key].cache_note:  # after the checks, so that a refusal stays one line
-                print(splits[key].cache_note, file=sys.stderr)
-        split = splits[key]
-        first = first or (os.path.dirname(split.ims_path), split_name)
-        if split.feature_size != model.img_dim:
-            raise UserError(f'{path} expects {model.img_dim}-d region features; {split.ims_path} has '
-                            f'{split.feature_size}')
-        print(f'{path}: {dataset}/{split_name}, {split.n_images} images, {len(split.captions)} captions', file=sys.stderr)
-        all_sims.append(split_sims(model, split, device, opts.batch_size, opts.precision))
-    shapes = {s.shape for s in all_sims}
-    if len(shapes) > 1:
-        raise UserError(f'the checkpoints were evaluated on splits of different sizes {sorted(shapes)}')
-    return (np.mean(all_sims, axis=0) if len(all_sims) > 1 else all_sims[0]), first
-
-
-def check_eccv_split(split, split_name):
-    """--eccv on a checkpoint: the split must be COCO 5K, and its ids files (where present) in the
-    package's order."""
-    from lib.extended_metrics import N_CAPTIONS, N_IMAGES, check_split_ids
-    if (split.n_images, len(split.captions)) != (N_IMAGES, N_CAPTIONS):
-        raise UserError(f'--eccv needs the COCO 5K test split (5000 images, 25000 captions); {split.ims_path} has '
-                        f'{split.n_images} images and {len(split.captions)} captions. Pass --split testall')
-    check_split_ids(os.path.dirname(split.ims_path), split_name)
+def checkpoint_sims_of(opts, paths=None):
+    """checkpoint_sims (lib/checkpoint_sims.py) with this command line's options."""
+    return checkpoint_sims(paths or opts.checkpoint, opts.device, data_path=opts.data_path, dataset=opts.dataset,
+                           split=opts.split, bert_path=opts.bert_path, batch_size=opts.batch_size,
+                           precision=opts.precision, tf32=opts.tf32, cache_dir=opts.cache_dir, fold5=opts.fold5,
+                           eccv=opts.eccv)
 
 
 def load_side(opts, spec):
@@ -112,7 +67,7 @@ def load_side(opts, spec):
     out = []
     for path in [p for p in spec.split(',') if p]:
         if path.endswith(('.pth', '.pt', '.tar')):
-            out.append(checkpoint_sims(opts, [path])[0])
+            out.append(checkpoint_sims_of(opts, [path])[0])
         else:
             out.append(load_sims(path))
     if not out:
@@ -156,7 +111,7 @@ def main(argv=None):
             from lib.extended_metrics import check_shape
             check_shape(sims, opts.sims[0])
     else:
-        sims, folder = checkpoint_sims(opts)
+        sims, folder = checkpoint_sims_of(opts)
     results = evaluate_sims(sims, opts.fold5)
     for r in results:
         print(format_result(r))

@@ -89,7 +89,7 @@ class InstanceRelation(nn.Module):
         super().__init__()
         layer = nn.TransformerEncoderLayer(embed_size, nhead, dim_feedforward=embed_size, dropout=dropout,
                                            batch_first=True)
-        self.gnn = nn.TransformerEncoder(layer, num_layers=num_layers, enable_nested_tensor=False)
+        self.transformer = nn.TransformerEncoder(layer, num_layers=num_layers, enable_nested_tensor=False)
         if relevance:
             self.mlp_t2i = relevance_mlp(topk)
             self.mlp_i2t = copy.deepcopy(self.mlp_t2i)  # the authors start both MLPs from the same weights
@@ -143,7 +143,7 @@ class InstanceRelation(nn.Module):
         mask = (self.mask_weight * relevance).masked_fill(~connect, float('-inf'))
         nodes = torch.cat([img, cap], 0)[None]
         with standard_attention_path():
-            out = self.gnn(nodes, mask=mask.to(nodes.dtype))[0]
+            out = self.transformer(nodes, mask=mask.to(nodes.dtype))[0]
         return F.normalize(out, dim=-1).split(img.shape[0])
 
 

@@ -20,14 +20,13 @@ import cv2
 import numpy as np
 
 import arguments
-from lib import checkpoint as ckpt_lib
 from lib.data import (PrecompSplit, TextSpec, captions_per_image, load_captions, load_images, split_files,
                       tokenize_captions)
 from lib.distributed import pick_device
 from lib.errors import UserError, exit_on_user_error
 from lib.evaluation import encode_captions, encode_images
-from lib.images import image_list_path, list_images, read_image
-from lib.inference import build_model, checkpoint_args
+from lib.images import gallery_files, thumbnail  # noqa: F401  (gallery_files: the --image_dir listing)
+from lib.loading import model_from_checkpoint, read_model_file, saved_options, text_model_of
 from lib.text_model import load_tokenizer
 from lib.writing import atomic_write, make_folders
 
@@ -36,7 +35,7 @@ MARGIN = 10
 LABEL_H = 26
 LINE_H = 22
 FONT, FONT_SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.5
-BACKGROUND, INK, PAD_GREY = (255, 255, 255), (20, 20, 20), (200, 200, 200)
+BACKGROUND, INK = (255, 255, 255), (20, 20, 20)
 
 
 def info(message):
@@ -89,23 +88,22 @@ class Session:
 
     def __init__(self, checkpoint, device, bert_path):
         self.path, self.device = checkpoint, device
-        self.ckpt = ckpt_lib.read_checkpoint(checkpoint)
-        self.args = checkpoint_args(self.ckpt)
-        if bert_path is not None:
-            self.args.bert_path = bert_path
+        self.ckpt = read_model_file(checkpoint)
+        self.options = saved_options(self.ckpt)
+        self.bert_path = text_model_of(checkpoint, self.ckpt, bert_path)
         self._model = self._tokenizer = None
 
     @property
     def model(self):
         if self._model is None:
-            model, _ = build_model(self.ckpt, self.path, self.args.bert_path)
+            model, _ = model_from_checkpoint(self.ckpt, self.path, self.bert_path)
             self._model = model.to(self.device).eval()
         return self._model
 
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.args.bert_path)
+            self._tokenizer = load_tokenizer(self.bert_path)
         return self._tokenizer
 
     def encode_texts(self, texts, batch_size=128):
@@ -119,7 +117,7 @@ def gallery(session, data_path, dataset, split, batch_size):
     ims_path, caps_path = split_files(data_path, dataset, split)
     images, captions = load_images(ims_path), load_captions(caps_path)
     path = cache_file(session.path, dataset, split)
-    key = cache_key(session.path, ims_path, caps_path, session.args.bert_path)
+    key = cache_key(session.path, ims_path, caps_path, session.bert_path)
     cached = read_cache(path, key)
     if cached is not None and cached[0].shape[0] <= len(images) and cached[1].shape[0] <= len(captions):
         img_emb, cap_emb = cached
@@ -145,22 +143,6 @@ def top_k(scores, k):
 
 # ----------------------------------------------------------------------------- contact sheet
 
-def thumbnail(path, size):
-    """The image letterboxed into a size x size square (grey when unreadable)."""
-    cell = np.full((size, size, 3), PAD_GREY, np.uint8)
-    image = read_image(path) if path else None
-    if image is None:
-        info(f'warning: cannot read image {path}; a grey square stands in for it')
-        return cell
-    h, w = image.shape[:2]
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    small = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    cell[top:top + nh, left:left + nw] = small
-    return cell
-
-
 def wrap(text, width_px):
     """Lines of text that fit width_px in the sheet's font (ASCII only: Hershey fonts)."""
     text = text.encode('ascii', 'replace').decode()
@@ -181,16 +163,6 @@ def contact_sheet(header, cells, thumb):
         sheet[y:y + thumb, x:x + thumb] = thumbnail(path, thumb)
         cv2.putText(sheet, label, (x, y + thumb + LABEL_H - 8), FONT, FONT_SCALE, INK, 1, cv2.LINE_AA)
     return sheet
-
-
-def gallery_files(image_dir, precomp_folder, split, n_images):
-    listing = image_list_path(precomp_folder, split)
-    names = load_captions(listing) if os.path.isfile(listing) else list_images(image_dir, '--image_dir')
-    if len(names) != n_images:
-        source = listing if os.path.isfile(listing) else f'sorted image files of {image_dir}'
-        raise UserError(f'{source} names {len(names)} images but the gallery has {n_images}; --image_dir must '
-                        'hold the images of the split, in its order')
-    return [os.path.join(image_dir, n) for n in names]
 
 
 def write_sheet(path, sheet):
@@ -234,8 +206,8 @@ def parse_args(argv=None):
 def main(argv=None):
     opts = parse_args(argv)
     session = Session(opts.checkpoint, pick_device(opts.device), opts.bert_path)
-    dataset = opts.dataset or session.args.dataset
-    data_path = opts.data_path or session.args.data_path
+    dataset = opts.dataset or session.options['dataset']
+    data_path = opts.data_path or session.options['data_path']
     split = opts.split or arguments.test_split_of(dataset)
     img_emb, cap_emb, captions, per_image = gallery(session, data_path, dataset, split, opts.batch_size)
     k = min(opts.k, len(img_emb) if opts.query is not None else len(cap_emb))

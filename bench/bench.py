@@ -157,17 +157,22 @@ def measure_relation(o, device):
 
 
 def build_model(o, device, dropout=0.1):
+    """(HREM at the benchmark's sizes with the coco profile's objective, the run options of the
+    coco profile, its AdamW)."""
     import arguments
     from transformers import BertConfig, BertModel
-    from lib.model import HREM, build_optimizer
+    from lib.models import HREMConfig, create_model
+    from lib.optim import build_optimizer
     hidden, layers, heads, inter = TEXT_MODELS[o.text]
     bert = BertModel(BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,
                                 num_attention_heads=heads, intermediate_size=inter,
                                 hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout))
-    args = arguments.parse_train_args(['--dataset', 'coco', '--embed_size', str(o.embed_size), '--warmup', '0',
-                                       '--batch_size', str(o.batch_size), '--precision', o.precision,
-                                       '--dropout', str(dropout)])
-    model = HREM(args, o.img_dim, bert).to(device)
+    args = arguments.get_train_parser('coco').parse_args([])
+    args.batch_size, args.precision = o.batch_size, o.precision
+    coco = arguments.PROFILES['coco']
+    config = HREMConfig(img_dim=o.img_dim, embed_size=o.embed_size, dropout=dropout, warmup=0,
+                        trip_cutoff=coco['trip_cutoff'], mask_weight=coco['mask_weight'])
+    model = create_model(config, bert).to(device)
     return model, args, build_optimizer(model, args)[0]
 
 
@@ -223,7 +228,7 @@ def measure_compile(o, device):
     eager, args, eager_opt = build_model(o, device, dropout=0.0)
     compiled = copy.deepcopy(eager)
     compile_encoders(compiled)
-    from lib.model import build_optimizer
+    from lib.optim import build_optimizer
     compiled_opt = build_optimizer(compiled, args)[0]
     batch = random_batch(o, device)
     steps = {'eager': training_step(eager, args, eager_opt, batch, device, o.precision),
@@ -325,9 +330,8 @@ def measure_checkpoint(o, device):
     """One mid-epoch checkpoint_last.pth as train.py writes it (weights, AdamW state after one
     step, every random state; copied off the device, saved, fsynced, renamed) into --save_dir."""
     from torch.utils.tensorboard import SummaryWriter
-    import train
     from lib.distributed import DistEnv
-    from lib.engine import TrainState
+    from lib.training import TrainState, save_last_checkpoint
     from lib.precision import grad_scaler
     model, args, optimizer = build_model(o, device)
     model(random_batch(o, device), step=1).loss.backward()
@@ -341,7 +345,7 @@ def measure_checkpoint(o, device):
         writer = SummaryWriter(folder)
 
         def save():
-            train.last_checkpoint(model, args, DistEnv(0, 1, 0, device), state, optimizer, scheduler,
+            save_last_checkpoint(model, args, DistEnv(0, 1, 0, device), state, optimizer, scheduler,
                                   grad_scaler(device, o.precision), writer, True)
         medians, times = timed({'save': save}, device, o.repeat)
         writer.close()
@@ -384,7 +388,7 @@ def measure_precision(o, device):
     same), so their losses must agree to bf16's rounding. Memory: the peak of each copy's first
     step (CUDA max allocated, or the peak RSS with both copies resident) and what the step adds."""
     import copy
-    from lib.model import build_optimizer
+    from lib.optim import build_optimizer
     from lib.precision import bf16_support
     fp32, args, fp32_opt = build_model(o, device)
     bf16 = copy.deepcopy(fp32)
@@ -420,7 +424,6 @@ def gradient_agreement(model, args, batch, device):
     """Per parameter group of the optimizer: the cosine between the gradients of one batch in fp32
     and in bf16, from the same weights and random seed, and the ratio of their norms (bf16 / fp32)."""
     import copy
-    from lib.model import parameter_groups
     from lib.precision import autocast
     grads = {}
     for precision, copy_ in (('fp32', model), ('bf16', copy.deepcopy(model))):
@@ -431,7 +434,8 @@ def gradient_agreement(model, args, batch, device):
             loss = copy_(batch, step=1).loss
         loss.backward()
         grads[precision] = {g['name']: torch.cat([p.grad.flatten().double() for p in g['params'] if p.grad is not None])
-                            for g in parameter_groups(copy_, args)}
+                            for g in copy_.parameter_groups(args.learning_rate, args.bert_lr_factor,
+                                                             args.graph_lr_factor)}
         copy_.zero_grad(set_to_none=True)
     return {name: {'cosine': float(torch.nn.functional.cosine_similarity(g32, grads['bf16'][name], dim=0)),
                    'norm_ratio': float(grads['bf16'][name].norm() / g32.norm())}
@@ -467,10 +471,11 @@ def measure_precision_eval(o, device):
     if o.eval_checkpoint:
         import arguments
         from lib.data import PrecompSplit
-        from lib.inference import load_for_inference
-        model, args, tokenizer = load_for_inference(o.eval_checkpoint, device)
-        split = PrecompSplit(args.data_path, args.dataset, arguments.test_split_of(args.dataset), tokenizer)
-        source = f'{o.eval_checkpoint} on {args.dataset}/{arguments.test_split_of(args.dataset)}'
+        from lib.models import load_model
+        model, _, tokenizer, options = load_model(o.eval_checkpoint, device)
+        dataset = options['dataset']
+        split = PrecompSplit(options['data_path'], dataset, arguments.test_split_of(dataset), tokenizer)
+        source = f'{o.eval_checkpoint} on {dataset}/{arguments.test_split_of(dataset)}'
     else:
         model = build_model(o, device)[0].eval()
         split = synthetic_split(o, o.precision_images)

@@ -1,6 +1,5 @@
 """One training epoch and one validation pass."""
 import logging
-import math
 import time
 
 import torch
@@ -22,19 +21,6 @@ def unwrap(model):
 
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-class TrainState:
-    """Counters that a checkpoint must restore for an exact resume."""
-
-    def __init__(self, epoch=0, step=0, best_rsum=-math.inf, nonfinite_in_a_row=0, nonfinite_total=0):
-        self.epoch, self.step, self.best_rsum = epoch, step, best_rsum
-        self.position = 0  # batches taken from the current epoch (optimizer steps and skipped ones)
-        self.nonfinite_in_a_row = nonfinite_in_a_row
-        self.nonfinite_total = nonfinite_total
-
-    def counters(self):
-        return {'nonfinite_in_a_row': self.nonfinite_in_a_row, 'nonfinite_total': self.nonfinite_total}
 
 
 def train_one_epoch(model, loader, optimizer, scaler, state, args, env, writer=None, gather=None,

@@ -11,7 +11,8 @@ import arguments
 import train
 from graph_lib import InstanceRelation
 from lib import checkpoint as ckpt_lib
-from lib.model import HREM, build_optimizer
+from lib.models import HREM, config_from_args
+from lib.optim import build_optimizer
 from conftest import tiny_args, tiny_bert
 from test_errors import bert_folder, make_data, train_argv
 from test_relations import fake_batch, make_inputs
@@ -29,7 +30,7 @@ def twin_modules(**switches):
 
 def gnn_with_mask(module, img, cap, mask):
     """The instance Transformer over the 2B nodes with a hand-made additive mask."""
-    return F.normalize(module.gnn(torch.cat([img, cap])[None], mask=mask)[0], dim=-1)
+    return F.normalize(module.transformer(torch.cat([img, cap])[None], mask=mask)[0], dim=-1)
 
 
 def test_without_connections_every_node_attends_to_every_node():
@@ -68,7 +69,7 @@ def test_without_relevance_connected_pairs_get_an_equal_bias():
 def model_and_embeddings(*options):
     args = tiny_args('--base_loss', 'vse', '--gnn_loss', 'vse', '--dropout', '0', '--warmup', '5', '--topk', '3',
                      '--reg_loss_weight', '7', *options)
-    model = HREM(args, 24, tiny_bert())
+    model = HREM(config_from_args(args, 24), tiny_bert())
     batch = fake_batch()
     img_raw, regions = model.img_enc(batch['regions'], batch['region_lengths'])
     cap_raw, words = model.txt_enc(batch['tokens'], batch['token_lengths'])
@@ -183,7 +184,7 @@ def test_trip_losses_draw_their_negatives_in_the_authors_order():
     img_raw, regions = model.img_enc(batch['regions'], batch['region_lengths'])
     cap_raw, words = model.txt_enc(batch['tokens'], lengths)
     img, cap = F.normalize(img_raw, dim=-1, eps=0), F.normalize(cap_raw, dim=-1, eps=0)
-    loss = model.gnn_loss
+    loss = model.relation_loss
     base = model.base_loss(img, cap, ids)
     img_hat, cap_hat, reg = model.relation(img, cap, regions, words, lengths)
     first, second, third = loss(img, cap_hat, ids), loss(img_hat, cap, ids), loss(img_hat, cap_hat, ids)

@@ -24,7 +24,7 @@ import arguments
 import eval as eval_script
 import train as train_script
 from lib import checkpoint as ckpt_lib
-from lib.model import HREM
+from lib.models import HREM, config_from_args
 from lib.text_model import DEMO_TEXT_MODEL, load_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -295,7 +295,7 @@ def test_our_model_has_the_documented_keys_and_shapes(bert_dir, their_model):
     txt = {k: v for k, v in txt.items() if k not in ckpt_lib.VERSION_DEPENDENT_KEYS}
     args = arguments.parse_train_args(['--dataset', 'f30k', '--bert_path', bert_dir])
     from transformers import BertConfig, BertModel
-    model = HREM(args, D, BertModel(BertConfig.from_pretrained(bert_dir)))
+    model = HREM(config_from_args(args, D), BertModel(BertConfig.from_pretrained(bert_dir)))
     for ours, theirs in ((model.img_enc, img), (model.txt_enc, txt)):
         assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
                {k: tuple(v.shape) for k, v in theirs.items()}
@@ -398,14 +398,15 @@ def test_init_from_their_checkpoint_starts_from_their_weights(tmp_path, small_be
                                                                 monkeypatch):
     path, img, txt = small_their_ckpt
     seen = {}
-    real = train_script.build_optimizer
+    from lib import training
+    real = training.build_optimizer
 
     def spy(model, args):  # called right after the weights are loaded
         seen['img'] = {k: v.detach().clone() for k, v in model.img_enc.state_dict().items()}
         seen['txt'] = {k: v.detach().clone() for k, v in model.txt_enc.state_dict().items()}
         seen['relation'] = len(model.relation.state_dict())
         return real(model, args)
-    monkeypatch.setattr(train_script, 'build_optimizer', spy)
+    monkeypatch.setattr(training, 'build_optimizer', spy)
     run = tmp_path / 'run'
     train_script.main(['--init_from', path, '--data_path', data_path, '--dataset', 'f30k',
                        '--bert_path', small_bert_dir,
@@ -431,7 +432,7 @@ def test_ensemble_of_theirs_and_ours(tmp_path, small_bert_dir, data_path, small_
     args = arguments.parse_train_args(['--dataset', 'f30k', '--data_path', data_path, '--bert_path', small_bert_dir,
                                        '--embed_size', str(SMALL_E)])
     torch.manual_seed(7)
-    model = HREM(args, D, BertModel(BertConfig.from_pretrained(small_bert_dir)))
+    model = HREM(config_from_args(args, D), BertModel(BertConfig.from_pretrained(small_bert_dir)))
     ours = str(tmp_path / 'ours.pth')
     ckpt_lib.save_atomic(ckpt_lib.make_checkpoint(model, args, 3, 30, 100.0), ours)
 

@@ -10,7 +10,7 @@ import lib.losses
 import train
 from conftest import tiny_args, tiny_bert
 from lib import precision
-from lib.model import HREM
+from lib.models import HREM, config_from_args
 from lib.precision import autocast, bf16_units, bf16_warning, cpu_bf16_flags
 from test_precision import random_batch
 
@@ -20,7 +20,7 @@ CPU = torch.device('cpu')
 def models():
     args = tiny_args('--warmup', '0', '--precision', 'bf16')
     torch.manual_seed(0)
-    fp32 = HREM(args, 12, tiny_bert())
+    fp32 = HREM(config_from_args(args, 12), tiny_bert())
     return fp32, copy.deepcopy(fp32)
 
 
@@ -62,7 +62,7 @@ def test_bf16_gives_every_parameter_a_finite_fp32_gradient_close_in_direction():
 def test_under_bf16_the_relation_module_and_losses_compute_in_fp32(monkeypatch):
     _, model = models()
     seen = []
-    for name, module in [('relation transformer', model.relation.gnn), ('relevance mlp', model.relation.mlp_t2i),
+    for name, module in [('relation transformer', model.relation.transformer), ('relevance mlp', model.relation.mlp_t2i),
                          ('relevance mlp', model.relation.mlp_i2t)]:
         module.register_forward_hook(lambda m, i, o, name=name: seen.append((name, i[0].dtype, o.dtype)))
     encoders = []

@@ -4,6 +4,7 @@ Authors'-format checkpoints are built as in test_authors_checkpoint.py (their mo
 layout), with a small text model: nothing here depends on sizes.
 """
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import arguments
 from lib import checkpoint as ckpt_lib
 from lib.encoders import TextEncoder
 from lib.errors import UserError
-from lib.model import HREM
+from lib.models import HREM, config_from_args
 from tools import convert_checkpoint
 from test_authors_checkpoint import (D, SMALL_E, TheirImageEncoder, TheirTextEncoder,  # noqa: F401 (fixture)
                                      save_their_checkpoint, small_bert_dir, their_states)
@@ -79,7 +80,7 @@ def test_ours_to_theirs_loads_in_their_code(tmp_path, small_bert_dir):
     args = arguments.parse_train_args(['--dataset', 'f30k', '--bert_path', small_bert_dir,
                                        '--embed_size', str(SMALL_E), '--nhead', '8'])
     torch.manual_seed(0)
-    model = HREM(args, D, BertModel(BertConfig.from_pretrained(small_bert_dir)))
+    model = HREM(config_from_args(args, D), BertModel(BertConfig.from_pretrained(small_bert_dir)))
     ours, theirs, again = (str(tmp_path / f) for f in ('ours.pth', 'theirs.pth', 'again.pth'))
     ckpt_lib.save_atomic(ckpt_lib.make_checkpoint(model, args, 4, 400, 300.0), ours)
     convert_checkpoint.main([ours, theirs, '--to', 'authors', '--bert_path', small_bert_dir])
@@ -109,7 +110,7 @@ def test_ours_to_theirs_loads_in_their_code(tmp_path, small_bert_dir):
     back = read(again)
     assert_same_states(back['model']['img_enc'], model.img_enc.state_dict())
     assert_same_states(back['model']['txt_enc'], model.txt_enc.state_dict())
-    assert back['model']['relation'] is None and back['args']['nhead'] == 8
+    assert back['model']['relation'] is None and back['options']['nhead'] == 8
 
 
 @pytest.fixture
@@ -174,8 +175,10 @@ def test_converter_refuses_to_overwrite_its_input(tmp_path, small_bert_dir, caps
     assert len(read(theirs)['model']) == 2
 
 
-def test_option_differences_name_what_loads_silently():
-    ckpt = {'args': {'nhead': 16, 'residual_weight': 0.8, 'embed_size': 1024}}
-    args = argparse.Namespace(nhead=8, residual_weight=0.8, mlp_last_bn=1, embed_size=512)
-    # mlp_last_bn is absent from their opt; embed_size mismatches fail on shapes instead
-    assert ckpt_lib.option_differences(ckpt, args) == [('nhead', 16, 8)]
+def test_config_differences_name_what_loads_silently():
+    from lib.models import HREMConfig
+    saved = HREMConfig(nhead=16, residual_weight=0.8, img_dim=2048, bert_path='theirs')
+    ckpt = {'config': dataclasses.asdict(saved)}
+    # img_dim and the text model's folder are not options of the architecture's computation
+    now = dataclasses.replace(saved, nhead=8, img_dim=12, bert_path='ours')
+    assert ckpt_lib.config_differences(ckpt, now) == [('nhead', 16, 8)]

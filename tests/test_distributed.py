@@ -131,9 +131,9 @@ def equivalence_args(data_path, *extra):
 
 
 def build_model(args):
-    from lib.model import HREM
+    from lib.models import HREM, config_from_args
     torch.manual_seed(0)
-    model = HREM(args, IMG_DIM, tiny_bert())
+    model = HREM(config_from_args(args, IMG_DIM), tiny_bert())
     for m in model.modules():  # CPU has no SyncBatchNorm: BatchNorm stays frozen (eval mode)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.train = lambda mode=True, m=m: nn.Module.train(m, False)
@@ -142,8 +142,9 @@ def build_model(args):
 
 def train_run(args, env, loader, gather_from_ddp):
     """Train like train.py for --max_steps steps; return the final parameters."""
-    from lib.engine import TrainState, train_one_epoch
-    from lib.model import build_optimizer
+    from lib.engine import train_one_epoch
+    from lib.training import TrainState
+    from lib.optim import build_optimizer
     from lib.precision import grad_scaler
     model = build_model(args)
     optimizer, _ = build_optimizer(model, args)
@@ -158,9 +159,10 @@ def train_run(args, env, loader, gather_from_ddp):
 def _two_ranks(env, split, data_path, out):
     """Everything the tests check on two ranks, in one launch (starting processes is slow)."""
     import train
+    from lib.training import make_loader
     _collectives(env, out)
     args = equivalence_args(data_path)
-    loader, dataset, sampler = train.make_loader(split, args, env)
+    loader, dataset, sampler = make_loader(split, args, env)
     sampler.set_epoch(0)
     torch.manual_seed(100 + env.rank)  # ranks' own streams differ, as in train.py
     torch.save(train_run(args, env, loader, True), os.path.join(out, f'params{env.rank}.pt'))
@@ -261,7 +263,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(two_ranks):
             torch.testing.assert_close(got[name][keep], ref[keep], atol=1e-5, rtol=0, msg=name)
     # the run trained every part, the relation module (after --warmup) included
     for name in ('img_enc.fc.fc.weight', 'txt_enc.linear.weight', 'txt_enc.bert.embeddings.word_embeddings.weight',
-                 'relation.mlp_t2i.0.weight', 'relation.gnn.layers.0.linear1.weight'):
+                 'relation.mlp_t2i.0.weight', 'relation.transformer.layers.0.linear1.weight'):
         assert not torch.equal(reference[name], initial[name]), name
 
     # rows: ranks; columns: loss with the shared stream, loss with each rank's own stream

@@ -12,6 +12,7 @@ import pytest
 
 import arguments
 import train
+from lib.train_options import RESUME_OVERRIDES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = [os.path.join(ROOT, 'README.md')] + sorted(glob.glob(os.path.join(ROOT, 'docs', '*.md')))
@@ -194,7 +195,7 @@ def test_the_profile_table_is_the_code_s():
 
 
 def test_the_options_a_resume_may_change_are_the_code_s():
-    expected = ' '.join(f'`--{k}`' for k in train.RESUME_OVERRIDES if k != 'resume')
+    expected = ' '.join(f'`--{k}`' for k in RESUME_OVERRIDES if k != 'resume')
     assert marked_block(os.path.join(ROOT, 'docs', 'training.md'), 'resume-overrides') == expected, \
         f'docs/training.md: replace the list with\n{expected}'
 

@@ -17,7 +17,8 @@ import arguments
 import eval as eval_script
 import train
 from lib import checkpoint as ckpt_lib
-from lib.model import HREM, build_optimizer
+from lib.models import HREM, config_from_args
+from lib.optim import build_optimizer
 from lib.text_model import DEMO_TEXT_MODEL, load_text_backbone
 from conftest import tiny_bert as tiny_bert_model, write_precomp
 
@@ -67,7 +68,7 @@ def save_checkpoint(path, root, bert, embed_size=32, img_dim=DIM, resumable=Fals
     """An untrained model's checkpoint in this project's format (enough for evaluation; with
     resumable, also optimizer and schedule state)."""
     args = arguments.parse_train_args(train_argv(root, bert, 'run', '--embed_size', str(embed_size)))
-    model = HREM(args, img_dim, load_text_backbone(bert, pretrained=False))
+    model = HREM(config_from_args(args, img_dim), load_text_backbone(bert, pretrained=False))
     optim = build_optimizer(model, args) if resumable else ()
     torch.save(ckpt_lib.make_checkpoint(model, args, 1, 5, 0.0, *optim), path)
     return str(path)

@@ -13,8 +13,9 @@ import train
 import lib.writing
 from lib import checkpoint as ckpt_lib
 from lib.data import TrainDataset
-from lib.model import HREM, Outputs
+from lib.models import HREM, Outputs, config_from_args
 from lib.text_model import load_text_backbone
+from lib.training import seed_all
 from test_errors import DIM, assert_user_error, bert, data, run_main, train_argv  # noqa: F401 (fixtures)
 
 
@@ -111,8 +112,8 @@ def test_nonfinite_steps_are_skipped_counted_and_logged(data, bert, capsys, monk
     # the weights are the initial ones, built as train.py builds them
     args = arguments.parse_train_args(argv)
     bert_model = load_text_backbone(bert)
-    train.seed_all(args.seed)
-    initial = HREM(args, DIM, bert_model)
+    seed_all(args.seed)
+    initial = HREM(config_from_args(args, DIM), bert_model)
     for part in ('img_enc', 'txt_enc', 'relation'):
         for name, param in getattr(initial, part).named_parameters():
             assert torch.equal(saved['model'][part][name], param.detach()), (part, name)

@@ -135,11 +135,11 @@ def test_trip_in_both_directions_equals_a_per_anchor_loop(monkeypatch):
     per-anchor loop in both directions; the draws are recorded, not re-made."""
     import arguments
     from conftest import tiny_bert
-    from lib.model import HREM
+    from lib.models import HREM, config_from_args
     args = arguments.parse_train_args(['--dataset', 'coco', '--margin', '0.35', '--embed_size', '32',
                                        '--nhead', '4', '--base_loss', 'trip', '--gnn_loss', 'trip'])
     assert args.trip_cutoff == 1.9  # the authors' COCO cut-off
-    model = HREM(args, 8, tiny_bert())
+    model = HREM(config_from_args(args, 8), tiny_bert())
     g = torch.Generator().manual_seed(0)
     img = F.normalize(torch.randn(8, 3, generator=g), dim=1)  # 3-d: distances spread over 0 .. 2
     cap = F.normalize(img + 0.5 * torch.randn(8, 3, generator=g), dim=1)
@@ -157,7 +157,7 @@ def test_trip_in_both_directions_equals_a_per_anchor_loop(monkeypatch):
     monkeypatch.setattr(torch, 'multinomial', recording)
 
     between = 0
-    for loss in (model.base_loss, model.gnn_loss):
+    for loss in (model.base_loss, model.relation_loss):
         draws.clear()
         got = loss(img, cap, ids).item()
         assert len(draws) == 2  # one draw per direction
@@ -203,13 +203,15 @@ def test_vse_sums_for_the_warmup_epochs_then_takes_the_hardest():
     epoch loop against vse_direct on the same embeddings."""
     from conftest import tiny_args, tiny_bert
     from lib.distributed import DistEnv
-    from lib.engine import TrainState, train_one_epoch
-    from lib.model import HREM, build_optimizer
+    from lib.engine import train_one_epoch
+    from lib.training import TrainState
+    from lib.models import HREM, config_from_args
+    from lib.optim import build_optimizer
     from lib.precision import grad_scaler
     from test_relations import fake_batch
     args = tiny_args('--base_loss', 'vse', '--gnn_loss', 'vse', '--dropout', '0', '--warmup', '100',
                      '--vse_mean_warmup_epochs', '2', '--margin', '0.3', '--batch_size', '6')
-    model = HREM(args, 24, tiny_bert())
+    model = HREM(config_from_args(args, 24), tiny_bert())
     optimizer, _ = build_optimizer(model, args)
     env = DistEnv(0, 1, 0, torch.device('cpu'))
     batch = fake_batch()

@@ -8,6 +8,7 @@ import torch
 
 import eval as eval_script
 import train
+from lib import training
 from lib.evaluation import load_sims
 from test_errors import bert_folder, make_data, train_argv
 
@@ -17,14 +18,14 @@ VAL_RSUMS = [10.0, 30.0, 20.0]  # per epoch: the second (checkpoint epoch 2) is 
 def test_the_best_epoch_is_saved_and_tested(tmp_path, monkeypatch):
     make_data(tmp_path)
     bert = bert_folder(tmp_path / 'bert')
-    real_validate, scripted = train.validate, iter(VAL_RSUMS)
+    real_validate, scripted = training.validate, iter(VAL_RSUMS)
 
     def validate(model, split, *args, **kwargs):
         results, sims = real_validate(model, split, *args, **kwargs)
         if split.caps_path.endswith('dev_caps.txt'):  # model selection; the test split is untouched
             results[0]['rsum'] = next(scripted)
         return results, sims
-    monkeypatch.setattr(train, 'validate', validate)
+    monkeypatch.setattr(training, 'validate', validate)
     train.main(train_argv(tmp_path, bert, 'run', '--num_epochs', '3', '--warmup', '100',
                           '--learning_rate', '1e-2', '--lr_schedules', '10'))
     run = tmp_path / 'run'

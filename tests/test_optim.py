@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from lib.distributed import DistEnv
-from lib.engine import TrainState, train_one_epoch
-from lib.model import HREM, build_optimizer
+from lib.engine import train_one_epoch
+from lib.training import TrainState
+from lib.models import HREM, config_from_args
+from lib.optim import build_optimizer
 from lib.precision import grad_scaler
 from conftest import tiny_args, tiny_bert
 from test_relations import fake_batch
@@ -15,7 +17,7 @@ from test_relations import fake_batch
 def make(*extra):
     args = tiny_args('--learning_rate', '2e-3', '--graph_lr_factor', '3', '--lr_schedules', '15', '25',
                      '--num_epochs', '30', *extra)
-    return HREM(args, 24, tiny_bert()), args
+    return HREM(config_from_args(args, 24), tiny_bert()), args
 
 
 def test_parameter_groups_and_adamw():

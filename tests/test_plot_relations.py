@@ -12,7 +12,7 @@ import torch
 from transformers import BertModel
 
 import train
-from lib.model import HREM
+from lib.models import HREM, HREMConfig
 from lib.text_model import load_tokenizer
 from test_errors import bert_folder, make_data, precomp, run_main, train_argv
 from tools import plot_relations, results_table
@@ -35,8 +35,8 @@ def reference_graph(ckpt_path, bert, ims_path, caps_path, images, captions):
     """Direct route: a model built by hand from the checkpoint's state dicts, captions tokenised
     by the tokenizer itself ([CLS] ... [SEP], zero padding), then relations() once."""
     ckpt = torch.load(ckpt_path, weights_only=True)
-    args = train.arguments.argparse.Namespace(**ckpt['args'])
-    model = HREM(args, np.load(ims_path).shape[2], BertModel.from_pretrained(bert))
+    config = HREMConfig(**ckpt['config'])
+    model = HREM(config, BertModel.from_pretrained(bert))
     for part in ('img_enc', 'txt_enc', 'relation'):
         getattr(model, part).load_state_dict(ckpt['model'][part])
     model.eval()

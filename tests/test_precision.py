@@ -7,7 +7,8 @@ import lib.losses
 import train
 from conftest import tiny_args, tiny_bert
 from lib.errors import UserError
-from lib.model import HREM, build_optimizer
+from lib.models import HREM, config_from_args
+from lib.optim import build_optimizer
 from lib.precision import autocast, grad_scaler
 
 CPU = torch.device('cpu')
@@ -33,7 +34,7 @@ def test_fp32_is_the_default_and_autocast_is_off():
 def test_bf16_step_runs_encoders_in_bf16_and_losses_relations_in_fp32(monkeypatch):
     args = tiny_args('--warmup', '0', '--precision', 'bf16', '--base_loss', 'trip', '--gnn_loss', 'vse')
     torch.manual_seed(0)
-    model = HREM(args, 12, tiny_bert())
+    model = HREM(config_from_args(args, 12), tiny_bert())
     optimizer, _ = build_optimizer(model, args)
     scaler = grad_scaler(CPU, 'bf16')
     assert not scaler.is_enabled()  # bf16 has fp32's range: no loss scaling

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from graph_lib import InstanceRelation, region_word_scores, top_proportion
-from lib.model import HREM
+from lib.models import HREM, config_from_args
 from conftest import tiny_args, tiny_bert
 
 
@@ -171,7 +171,7 @@ def fake_batch(b=6, regions=5, seed=0):
 def test_hrem_forward_before_and_after_warmup():
     args = tiny_args('--base_loss', 'vse', '--gnn_loss', 'vse', '--dropout', '0', '--warmup', '5',
                      '--topk', '3', '--reg_loss_weight', '7')
-    model = HREM(args, 24, tiny_bert())
+    model = HREM(config_from_args(args, 24), tiny_bert())
     batch = fake_batch()
     img, regions = model.encode_image(batch['regions'], batch['region_lengths'])
     cap, words = model.encode_text(batch['tokens'], batch['token_lengths'])
@@ -184,8 +184,8 @@ def test_hrem_forward_before_and_after_warmup():
     after = model(batch, step=5)
     img_hat, cap_hat, reg = model.relation(img, cap, regions, words, batch['token_lengths'])
     ids = batch['img_ids']
-    want = (base + model.gnn_loss(img, cap_hat, ids) + model.gnn_loss(img_hat, cap, ids)
-            + model.gnn_loss(img_hat, cap_hat, ids) + 7 * reg)
+    want = (base + model.relation_loss(img, cap_hat, ids) + model.relation_loss(img_hat, cap, ids)
+            + model.relation_loss(img_hat, cap_hat, ids) + 7 * reg)
     assert after.loss.item() == pytest.approx(want.item(), rel=1e-5)
     assert after.loss.item() > before.loss.item()
     assert after.parts['reg'].item() == pytest.approx(reg.item(), rel=1e-5)
@@ -226,7 +226,7 @@ def test_attention_uses_the_relevance_scaled_by_mask_weight(layers):
     attention; the output moves with mask_weight and with the relevance values while the
     connections stay fixed; with two layers, the second one is used."""
     args = tiny_args('--mask_weight', '1.5', '--num_layers_enc', str(layers), '--dropout', '0', '--topk', '4')
-    rel = HREM(args, 24, tiny_bert()).relation.eval()
+    rel = HREM(config_from_args(args, 24), tiny_bert()).relation.eval()
     img, cap, regions, words, lengths = make_inputs(6, e=32)
     # grad mode on purpose: under no_grad an eval-mode nn.TransformerEncoder takes PyTorch's fast
     # path, which returns NaN with this -inf mask (the module itself only runs in training)

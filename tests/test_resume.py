@@ -23,7 +23,8 @@ import lib.resume
 import train
 from lib.data import PrecompSplit, TrainDataset
 from lib.distributed import DistEnv
-from lib.model import HREM
+from lib.models import HREM, config_from_args
+from lib.training import make_loader
 from test_distributed import free_port
 from test_errors import assert_user_error, bert_folder, make_data, run_main, train_argv
 from test_faults import in_worker_only, nan_on_calls
@@ -362,7 +363,7 @@ def test_dataloader_workers_leave_stop_signals_to_the_main_process_but_end_on_it
     # a worker started by any method (fork inherits the main process's handlers, spawn does not)
     monkeypatch.setattr(TrainDataset, '__getitem__', in_worker_only(lambda: os.kill(os.getpid(), signal.SIGTERM)))
     args = arguments.parse_train_args(train_argv(root, bert, 'unused', '--workers', '2'))
-    loader, _, _ = train.make_loader(PrecompSplit(str(root), 'tiny', 'train', tokenizer), args,
+    loader, _, _ = make_loader(PrecompSplit(str(root), 'tiny', 'train', tokenizer), args,
                                      DistEnv(0, 1, 0, torch.device('cpu')))
     assert sorted(i for batch in loader for i in batch['caption_ids'].tolist()) == list(range(20))
     # a worker left running (an iterator alive at exit) still ends on its parent's SIGTERM, which is

@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-import train
+import train  # noqa: F401
+from lib.training import make_loader
 from conftest import tiny_args, tiny_bert
 from lib.compile import check_compile
 from lib.data import PrecompSplit, TrainDataset, collate
 from lib.distributed import DistEnv
 from lib.errors import UserError
 from lib.evaluation import encode_images
-from lib.model import HREM
+from lib.models import HREM, config_from_args
 from lib.precision import set_tf32
 from test_errors import assert_user_error, make_data, precomp, run_main, write_split
 from tools import convert_features
@@ -56,7 +57,7 @@ def test_float16_conversion_rounds_every_value_and_copies_the_text_files(tmp_pat
     assert image.dtype == np.float32 and img_index == 1
     np.testing.assert_array_equal(image, split.images[1].astype(np.float32))
     assert collate([TrainDataset(split)[i] for i in range(3)])['regions'].dtype == torch.float32
-    model = HREM(tiny_args(), 16, tiny_bert()).eval()
+    model = HREM(config_from_args(tiny_args(), 16), tiny_bert()).eval()
     ours = encode_images(model, split.images, CPU, batch_size=3)
     as_float32 = encode_images(model, np.asarray(split.images, np.float32), CPU, batch_size=3)
     assert ours.dtype == np.float32
@@ -94,7 +95,7 @@ def test_workers_follow_the_epoch(tmp_path, tokenizer):
     make_data(tmp_path, train_images=6)
     split = PrecompSplit(str(tmp_path), 'tiny', 'train', tokenizer)
     args = tiny_args('--batch_size', '10', '--workers', '1', '--seed', '3')
-    loader, dataset, sampler = train.make_loader(split, args, DistEnv(0, 1, 0, CPU))
+    loader, dataset, sampler = make_loader(split, args, DistEnv(0, 1, 0, CPU))
     assert not loader.persistent_workers  # see make_loader: exact resume first
     batches = {}
     for epoch in (0, 1):

@@ -13,7 +13,7 @@ import torch
 import search
 import train
 from conftest import ROOT, tiny_bert
-from lib.inference import load_for_inference
+from lib.models import load_model
 from lib.text_model import DEMO_TEXT_MODEL
 
 COLORS = {'red': (0, 0, 230), 'green': (0, 200, 0), 'blue': (230, 0, 0), 'yellow': (0, 230, 230)}  # BGR
@@ -70,7 +70,7 @@ def run_search(capsys, checkpoint, *extra):
 def reference_scores(checkpoint, query, feats):
     """Cosine scores computed without search.py: the model's encoders on the raw arrays, the
     query tokenised by the tokenizer's own [CLS] ... [SEP] path."""
-    model, _, tokenizer = load_for_inference(str(checkpoint), torch.device('cpu'))
+    model, _, tokenizer, _ = load_model(str(checkpoint), torch.device('cpu'))
     with torch.no_grad():
         x = torch.from_numpy(feats)
         img, _ = model.encode_image(x, torch.full((len(x),), x.shape[1]))

@@ -26,12 +26,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import arguments  # noqa: E402
-from lib import checkpoint as ckpt_lib  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 from lib.data import PrecompSplit, pad_batch, split_files  # noqa: E402
 from lib.distributed import pick_device  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
 from lib.writing import save_figure  # noqa: E402
-from lib.inference import build_model  # noqa: E402
+from lib.loading import model_from_checkpoint, read_model_file, saved_options, text_model_of  # noqa: E402
 from lib.text_model import load_tokenizer  # noqa: E402
 
 # (name, rows, columns) of the 2B x 2B graph; rows are queries, [[i2i, i2t], [t2i, t2t]]
@@ -40,9 +40,11 @@ NODE = ('image', 'caption')
 
 
 def load_relation_model(path, device, bert_path=None):
-    """-> (HREM in eval mode with its encoders and its trained relation module, options, checkpoint)."""
-    ckpt = ckpt_lib.read_checkpoint(path)
-    model, args = build_model(ckpt, path, bert_path)
+    """-> (HREM in eval mode with its encoders and its trained relation module, the run's options
+    (with the text model used), checkpoint)."""
+    ckpt = read_model_file(path)
+    model, config = model_from_checkpoint(ckpt, path, text_model_of(path, ckpt, bert_path), relation=True)
+    args = SimpleNamespace(**{**saved_options(ckpt), 'bert_path': config.bert_path, 'warmup': config.warmup})
     if getattr(model, 'relation', None) is None:
         raise UserError(f'{path} was trained without instance-level relations (--instance_relation 0); '
                         'there is no graph to draw. Pass a checkpoint of a run with the relations on')
@@ -51,7 +53,6 @@ def load_relation_model(path, device, bert_path=None):
         raise UserError(f"{path} holds no relation module (the authors' checkpoint format has no place for it; "
                         "it keeps the encoders only); pass a model_best.pth or checkpoint_last.pth of this "
                         "project's train.py")
-    ckpt_lib.load_module_state(model.relation, state, 'relation module', path)
     if ckpt['iteration'] <= args.warmup:
         print(f'warning: {path} was saved at step {ckpt["iteration"]}, before the relations switch on at step '
               f'{args.warmup} (--warmup): its relation module is still untrained', file=sys.stderr)
@@ -148,7 +149,7 @@ def draw_neighbours(fig, cell, graph, node, texts, files, image_ids, k, thumb):
         ax.axis('off')
         ax.text(0, 1, '\n'.join(lines), va='top', ha='left', family='monospace', fontsize=8, transform=ax.transAxes)
         return
-    from search import thumbnail  # letterboxed BGR square, grey when unreadable
+    from lib.images import thumbnail  # letterboxed BGR square, grey when unreadable
     sub = cell.subgridspec(1, 3 + k, width_ratios=[1] * (1 + k) + [0.3, 3 * k / 2])
     for pos, (j, label) in enumerate([(node, 'query')] + [(j, f'{r:.2f}') for j, r in imgs]):
         ax = fig.add_subplot(sub[0, pos])
@@ -215,7 +216,7 @@ def main(argv=None):
     graph = batch_graph(model, split, images, captions, device)
     files = None
     if opts.image_dir:
-        from search import gallery_files
+        from lib.images import gallery_files
         files = gallery_files(opts.image_dir, os.path.dirname(split_files(data_path, dataset, split_name)[0]),
                               split_name, split.n_images)
     title = (f'{opts.checkpoint} (step {ckpt["iteration"]}): instance-level graph of {batch_size} images of '

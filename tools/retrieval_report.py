@@ -29,12 +29,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import arguments  # noqa: E402
-from lib import checkpoint as ckpt_lib  # noqa: E402
 from lib.data import load_captions, split_files  # noqa: E402
 from lib.errors import UserError, exit_on_user_error  # noqa: E402
 from lib.images import read_image  # noqa: E402
 from lib.evaluation import RECALL_AT, check_sims_shape, evaluate_sims, i2t_ranks, load_sims, t2i_ranks  # noqa: E402
-from lib.inference import checkpoint_args  # noqa: E402
+from lib.checkpoint_sims import checkpoint_sims  # noqa: E402
+from lib.loading import read_model_file, saved_options  # noqa: E402
 
 THUMB = 128  # report thumbnails (pixels, letterboxed squares)
 FIGURE_THUMB = 256
@@ -51,18 +51,13 @@ def info(message):
 
 def checkpoint_source(path, opts, data_path=None, dataset=None, split=None):
     """-> (similarities, caption file, split name, dataset) of a checkpoint, computed by eval.py's
-    own code path (eval.checkpoint_sims), so the report's numbers are eval.py's."""
-    import eval as eval_tool
-    args = checkpoint_args(ckpt_lib.read_checkpoint(path))
-    dataset = dataset or opts.dataset or args.dataset
-    data_path = data_path or opts.data_path or args.data_path
+    own code path (lib.checkpoint_sims), so the report's numbers are eval.py's."""
+    saved = saved_options(read_model_file(path))
+    dataset = dataset or opts.dataset or saved['dataset']
+    data_path = data_path or opts.data_path or saved['data_path']
     split = split or opts.split or arguments.test_split_of(dataset)
-    argv = ['--checkpoint', path, '--data_path', data_path, '--dataset', dataset, '--split', split,
-            '--batch_size', str(opts.batch_size)]
-    for name in ('device', 'bert_path'):
-        if getattr(opts, name):
-            argv += [f'--{name}', getattr(opts, name)]
-    sims, _ = eval_tool.checkpoint_sims(eval_tool.get_parser().parse_args(argv))
+    sims, _ = checkpoint_sims([path], opts.device, data_path=data_path, dataset=dataset, split=split,
+                              bert_path=opts.bert_path, batch_size=opts.batch_size)
     return sims, split_files(data_path, dataset, split)[1], split, dataset, data_path
 
 
@@ -89,7 +84,7 @@ def split_captions(caps_path, n_captions):
 def image_files(image_dir, caps_path, split, n_images):
     """The split's image files, in its order (<split>_images.txt next to the captions, as written by
     tools/extract_features.py, or sorted file names), as search.py finds them."""
-    from search import gallery_files
+    from lib.images import gallery_files
     return gallery_files(image_dir, os.path.dirname(os.path.abspath(caps_path)), split, n_images)
 
 
@@ -135,7 +130,7 @@ def paired(a, b):
 # ----------------------------------------------------------------------------- thumbnails
 
 def letterbox(path, size):
-    from search import thumbnail
+    from lib.images import thumbnail
     return thumbnail(path, size)
 
 

@@ -7,22 +7,51 @@ import torch.nn as nn
 from graph_lib import InstanceRelation
 from lib.encoders import ImageEncoder, TextEncoder, l2norm
 from lib.losses import MatchingLoss
+from lib.models.outputs import Outputs
 
 
 @dataclass
-class Outputs:
-    """What one training forward produces: the loss and its parts (for logging)."""
-    loss: torch.Tensor
-    parts: dict
+class HREMConfig:
+    """Everything that decides HREM's architecture and objective (nothing about the run: data,
+    schedule, device). Built from the command line by lib.models.config_from_args, saved in every
+    checkpoint as 'config'; the authors' `opt` maps into it (lib.checkpoint.from_authors)."""
+    img_dim: int = 2048                # region feature size (read off the data or the weights)
+    embed_size: int = 1024
+    bert_path: str = 'data/bert-base-uncased'  # text model: architecture and vocabulary
+    nhead: int = 16
+    dropout: float = 0.1
+    residual_weight: float = 0.8
+    mlp_last_bn: int = 0
+    fragment_transformer: str = 'both'
+    # instance-level relations
+    instance_relation: int = 1
+    connection_relation: int = 1
+    relevance_relation: int = 1
+    num_layers_enc: int = 1
+    topk: int = 10
+    threshold: float = 0.5
+    mask_weight: float = 1.0
+    sigma: float = 1.0
+    norm_input: int = 1
+    warmup: int = 8000                 # optimizer steps before the relation module starts
+    # objective
+    base_loss: str = 'trip'
+    gnn_loss: str = 'trip'             # the authors' option name: loss on the relation-enhanced pairs
+    margin: float = 0.2
+    trip_cutoff: float = 1.7
+    reg_loss_weight: float = 10.0
+    cross_loss: int = 1
+    model: str = 'hrem'
 
 
 class HREM(nn.Module):
-    def __init__(self, args, img_dim, bert):
+    def __init__(self, config, text_backbone):
         super().__init__()
+        self.config = args = config
         transformer = args.fragment_transformer
-        self.img_enc = ImageEncoder(img_dim, args.embed_size, args.nhead, args.dropout, args.residual_weight,
+        self.img_enc = ImageEncoder(args.img_dim, args.embed_size, args.nhead, args.dropout, args.residual_weight,
                                     bool(args.mlp_last_bn), transformer in ('both', 'image'))
-        self.txt_enc = TextEncoder(bert, args.embed_size, args.nhead, args.dropout, args.residual_weight,
+        self.txt_enc = TextEncoder(text_backbone, args.embed_size, args.nhead, args.dropout, args.residual_weight,
                                    transformer in ('both', 'text'))
         # --instance_relation 0: the fragment-level model alone, no relation module at all
         self.relation = InstanceRelation(
@@ -30,7 +59,7 @@ class HREM(nn.Module):
             args.mask_weight, args.sigma, bool(args.connection_relation), bool(args.relevance_relation),
         ) if args.instance_relation else None
         self.base_loss = MatchingLoss(args.base_loss, args.margin, args.trip_cutoff)
-        self.gnn_loss = MatchingLoss(args.gnn_loss, args.margin, args.trip_cutoff)
+        self.relation_loss = MatchingLoss(args.gnn_loss, args.margin, args.trip_cutoff)
         self.warmup = args.warmup
         self.reg_loss_weight = args.reg_loss_weight
         self.cross_loss = bool(args.cross_loss)
@@ -49,6 +78,29 @@ class HREM(nn.Module):
         """-> (B, E) L2-normalised embedding, (B, L, E) word features."""
         g, x = self.txt_enc(tokens, lengths)
         return l2norm(g), x
+
+    def start_note(self):
+        """What the training log says about this model's schedule at the start."""
+        if self.relation is None:
+            return 'no instance-level relations'
+        return f'relations start at step {self.warmup}'
+
+    def parameter_groups(self, lr, bert_lr_factor=0.1, graph_lr_factor=1.0):
+        """The authors' AdamW groups: text head, BERT at bert_lr_factor x lr, image encoder,
+        relation module at graph_lr_factor x lr."""
+        def trainable(module):
+            return [p for p in module.parameters() if p.requires_grad]
+        bert = trainable(self.txt_enc.bert)
+        bert_ids = {id(p) for p in bert}
+        text_head = [p for p in trainable(self.txt_enc) if id(p) not in bert_ids]
+        groups = [
+            {'params': text_head, 'lr': lr, 'name': 'text'},
+            {'params': bert, 'lr': lr * bert_lr_factor, 'name': 'bert'},
+            {'params': trainable(self.img_enc), 'lr': lr, 'name': 'image'},
+        ]
+        if self.relation is not None:
+            groups.append({'params': trainable(self.relation), 'lr': lr * graph_lr_factor, 'name': 'relation'})
+        return groups
 
     def relations_active(self, step):
         return self.relation is not None and step >= self.warmup
@@ -91,41 +143,9 @@ class HREM(nn.Module):
                 img_hat, cap_hat, reg = self.relation(img, cap, regions.float(), words.float(), word_lengths, nodes)
                 # in the authors' order: the trip loss draws its negatives from the random stream
                 pairs = [(img, cap_hat), (img_hat, cap)] if self.cross_loss else []
-                gnn = sum(self.gnn_loss(v, t, img_ids, max_violation) for v, t in pairs + [(img_hat, cap_hat)])
+                gnn = sum(self.relation_loss(v, t, img_ids, max_violation) for v, t in pairs + [(img_hat, cap_hat)])
                 loss = loss + gnn + self.reg_loss_weight * reg
                 parts.update(gnn=gnn.detach(), reg=reg.detach())
         parts['total'] = loss.detach()
         return Outputs(loss, parts)
 
-
-def parameter_groups(model, args):
-    """The authors' AdamW groups: text head, BERT at bert_lr_factor x lr, image encoder,
-    relation module at graph_lr_factor x lr."""
-    lr = args.learning_rate
-
-    def trainable(module):
-        return [p for p in module.parameters() if p.requires_grad]
-    bert = trainable(model.txt_enc.bert)
-    bert_ids = {id(p) for p in bert}
-    text_head = [p for p in trainable(model.txt_enc) if id(p) not in bert_ids]
-    groups = [
-        {'params': text_head, 'lr': lr, 'name': 'text'},
-        {'params': bert, 'lr': lr * args.bert_lr_factor, 'name': 'bert'},
-        {'params': trainable(model.img_enc), 'lr': lr, 'name': 'image'},
-    ]
-    if model.relation is not None:
-        groups.append({'params': trainable(model.relation), 'lr': lr * args.graph_lr_factor, 'name': 'relation'})
-    return groups
-
-
-def build_optimizer(model, args):
-    # on CUDA one fused kernel updates every parameter (the default launches several per tensor
-    # group); CPU keeps the default implementation, whose results the CPU runs and tests pin
-    fused = next(model.parameters()).device.type == 'cuda'
-    optimizer = torch.optim.AdamW(parameter_groups(model, args), lr=args.learning_rate,
-                                  weight_decay=args.weight_decay, fused=fused or None)
-    # step decay by epoch: lr x decay_rate at each epoch of lr_schedules (stepped once per epoch)
-    milestones, rate = sorted(args.lr_schedules), args.decay_rate
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda epoch: rate ** sum(epoch >= m for m in milestones))
-    return optimizer, scheduler
