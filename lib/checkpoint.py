@@ -84,7 +84,12 @@ def from_authors(ckpt):
     img_state, txt_state = ckpt['model']
     opt = ckpt.get('opt')
     args = dict(vars(opt)) if isinstance(opt, argparse.Namespace) else {}
-    return {'format': FORMAT, 'model': {'img_enc': dict(img_state), 'txt_enc': dict(txt_state), 'relation': None},
+    # which model's authors wrote it (their module names tell), in our names (lib.models.authors_model)
+    from lib.models import authors_model
+    name, parts = authors_model({'img_enc': dict(img_state), 'txt_enc': dict(txt_state)})
+    if name != 'hrem':
+        args['model'] = name
+    return {'format': FORMAT, 'model': {**parts, 'relation': None},
             'options': args, 'config': None, 'epoch': int(ckpt.get('epoch', 0)), 'iteration': int(ckpt.get('Eiters', 0)),
             'best_rsum': float(ckpt.get('best_rsum', 0.0)), 'optimizer': None, 'scheduler': None, 'scaler': None}
 

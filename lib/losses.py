@@ -1,7 +1,9 @@
 """Matching losses on a batch of normalised image and caption embeddings (both directions).
 
-Positives are pairs with the same image id; they are never used as negatives. Losses are sums
-over the batch, as in the authors' code. Everything is computed in fp32.
+Positives are pairs with the same image id (HREM); they are never used as negatives. VSE∞'s
+VSE++ loss takes the diagonal alone as positives (positives='diagonal'): another caption of the
+same image in the batch is a negative there. Losses are sums over the batch, as in the authors'
+code. Everything is computed in fp32.
 """
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,13 @@ DWS_MIN_DISTANCE = 0.5  # distance-weighted sampling clamps distances below this
 DWS_DIM = 512           # the "n" of the distance distribution on the unit sphere
 
 
-def positive_mask(img_ids):
+POSITIVES = ('image_id', 'diagonal')
+
+
+def positive_mask(img_ids, positives='image_id'):
+    """(B, B) bool, True where image i and caption j are a positive pair."""
+    if positives == 'diagonal':
+        return torch.eye(len(img_ids), dtype=torch.bool, device=img_ids.device)
     return img_ids[:, None] == img_ids[None, :]
 
 
@@ -64,14 +72,17 @@ def distance_weighted_triplet(sims, pos, margin=0.2, cutoff=1.7, generator=None)
 class MatchingLoss:
     """l(v, t) in both directions: image anchors over captions and caption anchors over images."""
 
-    def __init__(self, kind, margin=0.2, cutoff=1.7):
+    def __init__(self, kind, margin=0.2, cutoff=1.7, positives='image_id'):
         if kind not in ('trip', 'vse'):
             raise ValueError(f'unknown loss {kind!r}')
-        self.kind, self.margin, self.cutoff = kind, margin, cutoff
+        if positives not in POSITIVES:
+            raise ValueError(f'unknown positives {positives!r}')
+        self.kind, self.margin, self.cutoff, self.positives = kind, margin, cutoff, positives
 
     def __call__(self, img, cap, img_ids, max_violation=True):
+        """max_violation False: the sum over negatives (the vse loss's first-epoch warm-up)."""
         sims = img.float() @ cap.float().t()
-        pos = positive_mask(img_ids)
+        pos = positive_mask(img_ids, self.positives)
         if self.kind == 'vse':
             return vse_loss(sims, pos, self.margin, max_violation)
         return (distance_weighted_triplet(sims, pos, self.margin, self.cutoff)

@@ -27,6 +27,8 @@ def register_model(name, config_cls):
 
 
 register_model('hrem', HREMConfig)(HREM)
+from lib.models.vse_infty import VSEInfty, VSEInftyConfig  # noqa: E402  (its module imports nothing from here)
+register_model('vse_infty', VSEInftyConfig)(VSEInfty)
 
 
 def model_names():
@@ -37,6 +39,17 @@ def entry(name):
     if name not in MODELS:
         raise UserError(f'unknown model {name!r}; known models: {", ".join(model_names())}')
     return MODELS[name]
+
+
+def authors_model(parts):
+    """(name, encoder states in our names) of an authors' checkpoint's {'img_enc', 'txt_enc'} states:
+    the registered model whose class recognises them (is_authors_state), else hrem with the states as
+    they are (HREM's names are its authors')."""
+    for name, (_, model_cls) in MODELS.items():
+        claims = getattr(model_cls, 'is_authors_state', None)
+        if claims is not None and claims(parts):
+            return name, model_cls.authors_state_dict(parts)
+    return 'hrem', parts
 
 
 def config_from_dict(values, model=None):
@@ -80,5 +93,5 @@ def load_model(path, device='cpu', bert_path=None):
     return load(path, device, bert_path)
 
 
-__all__ = ['MODELS', 'register_model', 'model_names', 'config_from_dict', 'config_from_args', 'create_model',
-           'load_model', 'LoadedModel', 'HREM', 'HREMConfig', 'Outputs']
+__all__ = ['MODELS', 'register_model', 'model_names', 'authors_model', 'config_from_dict', 'config_from_args', 'create_model',
+           'load_model', 'LoadedModel', 'HREM', 'HREMConfig', 'VSEInfty', 'VSEInftyConfig', 'Outputs']
