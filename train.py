@@ -11,23 +11,22 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 import arguments
 from lib import checkpoint as ckpt_lib
 from lib import run_folder
 from lib.compile import check_compile, compile_encoders
-from lib.data import PrecompSplit, TrainDataset, check_feature_sizes, collate
+from lib.data import PrecompSplit, check_feature_sizes
 from lib.demo_data import ensure_demo
 from lib.distributed import all_gather_objects, all_max, barrier, cleanup, init_distributed, wrap_ddp
 from lib.engine import TrainState, train_one_epoch, unwrap, validate
 from lib.errors import UserError, exit_on_user_error
+from lib.loader import make_loader
 from lib.evaluation import evaluate_sims, format_result, save_sims
 from lib.model import HREM, build_optimizer
 from lib.precision import bf16_warning, check_precision, grad_scaler, set_tf32
-from lib.resume import (CheckpointSchedule, OffsetSampler, StopSignals, ignore_stop_signals,
-                        rng_state)
+from lib.resume import CheckpointSchedule, StopSignals, rng_state
 from lib.text_model import load_text_backbone, load_tokenizer
 from lib.token_cache import resolve_cache_dir
 
@@ -93,24 +92,6 @@ def check_args(args, env):
                         '<data_path>/<dataset>_precomp/); give the folder above it with --data_path')
     if args.compile:
         check_compile(env.device)  # last: it takes seconds
-
-
-def make_loader(split, args, env):
-    dataset = TrainDataset(split, args.seed, bool(args.size_augment), bool(args.text_augment))
-    # one code path for 1 or N processes: each rank takes its share of every shuffled epoch
-    sampler = OffsetSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                            seed=args.seed, drop_last=True)
-    per_rank = args.batch_size // env.world_size
-    if len(dataset) // env.world_size < per_rank:
-        raise UserError(f'the training split has {len(dataset)} captions, fewer than one batch of '
-                        f'{args.batch_size}; lower --batch_size')
-    loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
-                        collate_fn=collate, drop_last=True, pin_memory=env.device.type == 'cuda',
-                        worker_init_fn=ignore_stop_signals)
-    # not persistent_workers: a persistent iterator skips the per-epoch draw of the workers' base
-    # seed from the torch RNG, so a resumed run would no longer repeat a straight one bit for bit;
-    # starting the workers again costs seconds per epoch
-    return loader, dataset, sampler
 
 
 def evaluate_best(model, args, env, split, writer, state, mid_epoch, started):

@@ -157,10 +157,10 @@ def train_run(args, env, loader, gather_from_ddp):
 
 def _two_ranks(env, split, data_path, out):
     """Everything the tests check on two ranks, in one launch (starting processes is slow)."""
-    import train
+    from lib.loader import make_loader
     _collectives(env, out)
     args = equivalence_args(data_path)
-    loader, dataset, sampler = train.make_loader(split, args, env)
+    loader, dataset, sampler = make_loader(split, args, env)
     sampler.set_epoch(0)
     torch.manual_seed(100 + env.rank)  # ranks' own streams differ, as in train.py
     torch.save(train_run(args, env, loader, True), os.path.join(out, f'params{env.rank}.pt'))
@@ -220,7 +220,7 @@ def key_bias(name, value):
 
 def global_batches(split, args):
     """One process's batches of 8 = rank 0's 4 items followed by rank 1's 4 (the gather order)."""
-    from lib.data import TrainDataset, collate
+    from lib.loader import TrainDataset, collate
     dataset = TrainDataset(split, args.seed, True, True)
     per_rank = [list(torch.utils.data.DistributedSampler(dataset, WORLD, r, shuffle=True, seed=args.seed,
                                                          drop_last=True)) for r in range(WORLD)]

@@ -21,7 +21,8 @@ from torch.utils.tensorboard import SummaryWriter
 import arguments
 import lib.resume
 import train
-from lib.data import PrecompSplit, TrainDataset
+from lib.data import PrecompSplit
+from lib.loader import TrainDataset, make_loader
 from lib.distributed import DistEnv
 from lib.model import HREM
 from test_distributed import free_port
@@ -288,8 +289,8 @@ def test_max_steps_inside_an_epoch_then_resume_continues_that_epoch(straight, mo
     assert json.loads((run / 'results.json').read_text())['checkpoint'] == 'model_best.pth'
 
     read = []
-    original = TrainDataset.__getitem__
-    monkeypatch.setattr(TrainDataset, '__getitem__', lambda self, i: read.append(i) or original(self, i))
+    original = TrainDataset.__getitems__
+    monkeypatch.setattr(TrainDataset, '__getitems__', lambda self, i: read.extend(i) or original(self, i))
     train.main(resume_argv(run))  # no --max_steps: the limit was the stopped invocation's
     # the resumed run reads only the rest of epoch 1's order: batches 2, 3, 4 of 4 captions
     order = torch.utils.data.DistributedSampler(range(20), 1, 0, shuffle=True, seed=3, drop_last=True)
@@ -360,9 +361,9 @@ def test_dataloader_workers_leave_stop_signals_to_the_main_process_but_end_on_it
                                                                                      tokenizer):
     root, bert = straight
     # a worker started by any method (fork inherits the main process's handlers, spawn does not)
-    monkeypatch.setattr(TrainDataset, '__getitem__', in_worker_only(lambda: os.kill(os.getpid(), signal.SIGTERM)))
+    monkeypatch.setattr(TrainDataset, '__getitems__', in_worker_only(lambda: os.kill(os.getpid(), signal.SIGTERM)))
     args = arguments.parse_train_args(train_argv(root, bert, 'unused', '--workers', '2'))
-    loader, _, _ = train.make_loader(PrecompSplit(str(root), 'tiny', 'train', tokenizer), args,
+    loader, _, _ = make_loader(PrecompSplit(str(root), 'tiny', 'train', tokenizer), args,
                                      DistEnv(0, 1, 0, torch.device('cpu')))
     assert sorted(i for batch in loader for i in batch['caption_ids'].tolist()) == list(range(20))
     # a worker left running (an iterator alive at exit) still ends on its parent's SIGTERM, which is

@@ -10,7 +10,8 @@ import torch
 import train
 from conftest import tiny_args, tiny_bert
 from lib.compile import check_compile
-from lib.data import PrecompSplit, TrainDataset, collate
+from lib.data import PrecompSplit
+from lib.loader import TrainDataset, collate, make_loader
 from lib.distributed import DistEnv
 from lib.errors import UserError
 from lib.evaluation import encode_images
@@ -94,7 +95,7 @@ def test_workers_follow_the_epoch(tmp_path, tokenizer):
     make_data(tmp_path, train_images=6)
     split = PrecompSplit(str(tmp_path), 'tiny', 'train', tokenizer)
     args = tiny_args('--batch_size', '10', '--workers', '1', '--seed', '3')
-    loader, dataset, sampler = train.make_loader(split, args, DistEnv(0, 1, 0, CPU))
+    loader, dataset, sampler = make_loader(split, args, DistEnv(0, 1, 0, CPU))
     assert not loader.persistent_workers  # see make_loader: exact resume first
     batches = {}
     for epoch in (0, 1):
