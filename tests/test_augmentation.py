@@ -285,3 +285,16 @@ def test_tokenising_across_chunk_boundaries_equals_one_call(tokenizer, monkeypat
         ids, words = got.pieces(c)
         assert ids.tolist() == one['input_ids'][c], c
         assert words.tolist() == one.word_ids(c), c
+
+
+def test_each_image_is_scanned_for_nan_once_and_named_when_bad(tmp_path, tokenizer):
+    from lib.errors import UserError
+    feats = write_precomp(tmp_path, 'toy', 'train', 10, [f'cap {i}' for i in range(50)], regions=4, dim=3)
+    feats[7, 3, 2] = np.inf  # in one region only: the whole image is scanned, kept regions or not
+    np.save(tmp_path / 'toy_precomp' / 'train_ims.npy', feats)
+    data = TrainDataset(PrecompSplit(str(tmp_path), 'toy', 'train', tokenizer))
+    data.__getitems__([0, 1, 12, 13, 49])
+    assert np.flatnonzero(data.checked.numpy()).tolist() == [0, 2, 9]
+    with pytest.raises(UserError, match=r'train_ims.npy holds NaN or infinite values \(image 7\)'):
+        data.__getitems__([3, 36])
+    assert not data.checked[7]
