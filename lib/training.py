@@ -12,21 +12,20 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 import arguments
 from lib import checkpoint as ckpt_lib
 from lib import run_folder
-from lib.data import TrainDataset, collate
 from lib.distributed import all_gather_objects, all_max, barrier, wrap_ddp
 from lib.engine import train_one_epoch, unwrap, validate
+from lib.loader import make_loader
 from lib.errors import UserError
 from lib.metrics import evaluate_sims, format_result
 from lib.sims_file import save_sims
 from lib.optim import build_optimizer
 from lib.precision import grad_scaler
-from lib.resume import CheckpointSchedule, OffsetSampler, StopSignals, ignore_stop_signals, rng_state
+from lib.resume import CheckpointSchedule, StopSignals, rng_state
 
 logger = logging.getLogger('hrem')
 
@@ -56,24 +55,6 @@ def seed_all(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def make_loader(split, args, env):
-    dataset = TrainDataset(split, args.seed, bool(args.size_augment), bool(args.text_augment))
-    # one code path for 1 or N processes: each rank takes its share of every shuffled epoch
-    sampler = OffsetSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                            seed=args.seed, drop_last=True)
-    per_rank = args.batch_size // env.world_size
-    if len(dataset) // env.world_size < per_rank:
-        raise UserError(f'the training split has {len(dataset)} captions, fewer than one batch of '
-                        f'{args.batch_size}; lower --batch_size')
-    loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
-                        collate_fn=collate, drop_last=True, pin_memory=env.device.type == 'cuda',
-                        worker_init_fn=ignore_stop_signals)
-    # not persistent_workers: a persistent iterator skips the per-epoch draw of the workers' base
-    # seed from the torch RNG, so a resumed run would no longer repeat a straight one bit for bit;
-    # starting the workers again costs seconds per epoch
-    return loader, dataset, sampler
 
 
 def resume_position(ckpt, env, n_batches, source):

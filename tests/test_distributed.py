@@ -159,7 +159,7 @@ def train_run(args, env, loader, gather_from_ddp):
 def _two_ranks(env, split, data_path, out):
     """Everything the tests check on two ranks, in one launch (starting processes is slow)."""
     import train
-    from lib.training import make_loader
+    from lib.loader import make_loader
     _collectives(env, out)
     args = equivalence_args(data_path)
     loader, dataset, sampler = make_loader(split, args, env)
@@ -222,7 +222,7 @@ def key_bias(name, value):
 
 def global_batches(split, args):
     """One process's batches of 8 = rank 0's 4 items followed by rank 1's 4 (the gather order)."""
-    from lib.data import TrainDataset, collate
+    from lib.loader import TrainDataset, collate
     dataset = TrainDataset(split, args.seed, True, True)
     per_rank = [list(torch.utils.data.DistributedSampler(dataset, WORLD, r, shuffle=True, seed=args.seed,
                                                          drop_last=True)) for r in range(WORLD)]

@@ -12,7 +12,7 @@ import arguments
 import train
 import lib.writing
 from lib import checkpoint as ckpt_lib
-from lib.data import TrainDataset
+from lib.loader import TrainDataset
 from lib.models import HREM, Outputs, config_from_args
 from lib.text_model import load_text_backbone
 from lib.training import seed_all
@@ -130,18 +130,19 @@ def test_too_many_nonfinite_steps_in_a_row_abort(data, bert, capsys, monkeypatch
 # ----------------------------------------------------------------------------- DataLoader workers
 
 def in_worker_only(action):
-    """A TrainDataset.__getitem__ that runs `action` inside a DataLoader worker process."""
-    original = TrainDataset.__getitem__
+    """A TrainDataset.__getitems__ (the DataLoader reads whole batches) that runs `action` inside
+    a DataLoader worker process."""
+    original = TrainDataset.__getitems__
 
-    def getitem(self, index):
+    def getitems(self, indices):
         if torch.utils.data.get_worker_info() is not None:
             action()
-        return original(self, index)
-    return getitem
+        return original(self, indices)
+    return getitems
 
 
 def test_killed_worker_is_reported_plainly(data, bert, capsys, monkeypatch):
-    monkeypatch.setattr(TrainDataset, '__getitem__', in_worker_only(lambda: os.kill(os.getpid(), signal.SIGKILL)))
+    monkeypatch.setattr(TrainDataset, '__getitems__', in_worker_only(lambda: os.kill(os.getpid(), signal.SIGKILL)))
     code, err = run_main(train.main, train_argv(data, bert, 'run', '--workers', '1'), capsys)
     assert_user_error(code, err, 'a DataLoader worker process died (DataLoader worker (pid',
                       'killed or ran out of memory', 'Lower --workers', '--resume')
@@ -150,7 +151,7 @@ def test_killed_worker_is_reported_plainly(data, bert, capsys, monkeypatch):
 def test_raising_worker_is_reported_plainly(data, bert, capsys, monkeypatch):
     def fail():
         raise OSError(errno.EIO, 'Input/output error')
-    monkeypatch.setattr(TrainDataset, '__getitem__', in_worker_only(fail))
+    monkeypatch.setattr(TrainDataset, '__getitems__', in_worker_only(fail))
     code, err = run_main(train.main, train_argv(data, bert, 'run', '--workers', '1'), capsys)
     last = assert_user_error(code, err, 'a DataLoader worker failed while reading training data: '
                                         'OSError: [Errno 5] Input/output error', 'Rerun with --workers 0')

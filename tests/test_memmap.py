@@ -3,7 +3,8 @@ import os
 
 import numpy as np
 
-from lib.data import PrecompSplit, TrainDataset
+from lib.data import PrecompSplit
+from lib.loader import TrainDataset
 
 
 def test_features_are_memory_mapped(tmp_path, tokenizer):

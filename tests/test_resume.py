@@ -21,10 +21,11 @@ from torch.utils.tensorboard import SummaryWriter
 import arguments
 import lib.resume
 import train
-from lib.data import PrecompSplit, TrainDataset
+from lib.data import PrecompSplit
+from lib.loader import TrainDataset, make_loader
 from lib.distributed import DistEnv
 from lib.models import HREM, config_from_args
-from lib.training import make_loader
+from lib.loader import make_loader
 from test_distributed import free_port
 from test_errors import assert_user_error, bert_folder, make_data, run_main, train_argv
 from test_faults import in_worker_only, nan_on_calls
@@ -289,8 +290,8 @@ def test_max_steps_inside_an_epoch_then_resume_continues_that_epoch(straight, mo
     assert json.loads((run / 'results.json').read_text())['checkpoint'] == 'model_best.pth'
 
     read = []
-    original = TrainDataset.__getitem__
-    monkeypatch.setattr(TrainDataset, '__getitem__', lambda self, i: read.append(i) or original(self, i))
+    original = TrainDataset.__getitems__
+    monkeypatch.setattr(TrainDataset, '__getitems__', lambda self, i: read.extend(i) or original(self, i))
     train.main(resume_argv(run))  # no --max_steps: the limit was the stopped invocation's
     # the resumed run reads only the rest of epoch 1's order: batches 2, 3, 4 of 4 captions
     order = torch.utils.data.DistributedSampler(range(20), 1, 0, shuffle=True, seed=3, drop_last=True)
@@ -361,7 +362,7 @@ def test_dataloader_workers_leave_stop_signals_to_the_main_process_but_end_on_it
                                                                                      tokenizer):
     root, bert = straight
     # a worker started by any method (fork inherits the main process's handlers, spawn does not)
-    monkeypatch.setattr(TrainDataset, '__getitem__', in_worker_only(lambda: os.kill(os.getpid(), signal.SIGTERM)))
+    monkeypatch.setattr(TrainDataset, '__getitems__', in_worker_only(lambda: os.kill(os.getpid(), signal.SIGTERM)))
     args = arguments.parse_train_args(train_argv(root, bert, 'unused', '--workers', '2'))
     loader, _, _ = make_loader(PrecompSplit(str(root), 'tiny', 'train', tokenizer), args,
                                      DistEnv(0, 1, 0, torch.device('cpu')))

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import train  # noqa: F401
-from lib.training import make_loader
 from conftest import tiny_args, tiny_bert
 from lib.compile import check_compile
-from lib.data import PrecompSplit, TrainDataset, collate
+from lib.data import PrecompSplit
+from lib.loader import TrainDataset, collate, make_loader
 from lib.distributed import DistEnv
 from lib.errors import UserError
 from lib.encoding import encode_images

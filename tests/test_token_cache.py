@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-import lib.data
+import lib.data.tokens
 from conftest import write_precomp
 from lib import token_cache
 from lib.data import PrecompSplit, tokenize_captions
@@ -50,7 +50,7 @@ def test_second_start_reads_the_cache_and_tokenises_nothing(data, tokenizer, tmp
 
     def no_tokenizing(*a, **k):
         raise AssertionError('tokenised although the cache holds these captions')
-    monkeypatch.setattr(lib.data, 'tokenize_captions', no_tokenizing)
+    monkeypatch.setattr(lib.data.tokens, 'tokenize_captions', no_tokenizing)
     second = split(data, tokenizer, cache)
     assert 'read from the cache' in second.cache_note
     assert same_tokens(first.tokens, second.tokens)

@@ -1,30 +1,19 @@
-"""The SCAN "precomp" layout: reading, validating, tokenising, augmenting and batching.
+"""The SCAN "precomp" layout on disk: where a dataset's split files are (and the usual unpacking
+mistakes that put them elsewhere), and checks of the feature and caption files.
 
 <data_path>/<dataset>_precomp/<split>_ims.npy   float (N_images, R, D), memory-mapped; float16 files
                                                 (tools/convert_features.py) are read as float32
 <data_path>/<dataset>_precomp/<split>_caps.txt  one caption per line; caption i belongs to image
                                                 i // 5 (five per image) or i (one per image)
 """
-import itertools
 import mmap
 import os
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
-from lib import token_cache
 from lib.errors import UserError
 from lib.progress import progress
-
-DEV_CAPTION_CAP = 5000  # the authors evaluate dev on its first 5000 captions (1000 images)
-
-# Word-level text augmentation (training only): a word is perturbed with this probability,
-# then masked / replaced by a random token / deleted with these shares.
-WORD_PERTURB_PROB = 0.2
-MASK_SHARE, RANDOM_SHARE = 0.5, 0.1  # the remaining 0.4 deletes the word
-REGION_DROP_PROB = 0.2
 
 SPLIT_SUFFIXES = ('_ims.npy', '_caps.txt')
 PRECOMP_SUFFIX = '_precomp'
@@ -249,195 +238,9 @@ def captions_per_image(n_images, n_captions, caps_path, ims_path):
                     'same archive as the features (caption i describes image i // 5)')
 
 
-@dataclass
-class TokenizedCaptions:
-    """All captions tokenised once, as flat word-piece ids with the word each piece belongs to."""
-    ids: np.ndarray        # int32, every caption's pieces concatenated (no [CLS]/[SEP])
-    word_index: np.ndarray  # int32, per piece: index of its word inside its caption
-    offsets: np.ndarray    # int64, caption c is ids[offsets[c]:offsets[c + 1]]
-
-    def __len__(self):
-        return len(self.offsets) - 1
-
-    def pieces(self, c):
-        s, e = self.offsets[c], self.offsets[c + 1]
-        return self.ids[s:e], self.word_index[s:e]
-
-
-TOKENIZE_CHUNK = 10000  # captions per tokenizer call: bounds the tokenizer's temporary memory
-
-
-def tokenize_captions(tokenizer, captions, show_progress=False, desc='tokenising'):
-    # Words are split as BERT's basic tokenizer does (whitespace and punctuation); word_ids()
-    # of the fast tokenizer says which word each piece came from (transformers 4.x and 5.x).
-    ids, words, lengths = [], [], []
-    with progress(total=len(captions), enabled=show_progress, desc=desc, unit='caption', unit_scale=True) as bar:
-        for start in range(0, len(captions), TOKENIZE_CHUNK):
-            enc = tokenizer(list(captions[start:start + TOKENIZE_CHUNK]), add_special_tokens=False)
-            pieces = enc['input_ids']
-            # one flat array per chunk (not one per caption): 566k COCO captions stay cheap
-            ids.append(np.fromiter(itertools.chain.from_iterable(pieces), np.int32))
-            words.append(np.fromiter(itertools.chain.from_iterable(enc.word_ids(i) for i in range(len(pieces))),
-                                     np.int32))
-            lengths.append(np.fromiter(map(len, pieces), np.int64, len(pieces)))
-            bar.update(len(pieces))
-    offsets = np.concatenate(([0], np.cumsum(np.concatenate(lengths), dtype=np.int64))) if lengths else np.zeros(1, np.int64)
-    return TokenizedCaptions(np.concatenate(ids) if ids else np.zeros(0, np.int32),
-                             np.concatenate(words) if words else np.zeros(0, np.int32), offsets)
-
-
-def cached_tokenize(tokenizer, captions, caps_path, cache_dir, show_progress=False, desc='tokenising'):
-    """tokenize_captions through the token cache (lib/token_cache.py) in cache_dir (None: no cache;
-    splits under token_cache.MIN_CAPTIONS captions are not cached).
-    Returns (TokenizedCaptions, what happened: a line for the log, or None)."""
-    if cache_dir is None or len(captions) < token_cache.MIN_CAPTIONS:
-        return tokenize_captions(tokenizer, captions, show_progress, desc), None
-    key = token_cache.cache_key(caps_path, captions, tokenizer)
-    path = token_cache.cache_path(cache_dir, key)
-    found = token_cache.load(path, key)
-    if found is not None:
-        return TokenizedCaptions(*found), f'{os.path.basename(caps_path)}: tokens read from the cache {path}'
-    note = ' (the cached file was unreadable or stale; rebuilt)' if os.path.exists(path) else ''
-    tokens = tokenize_captions(tokenizer, captions, show_progress, desc)
-    try:
-        token_cache.save(path, key, tokens.ids, tokens.word_index, tokens.offsets)
-    except UserError as err:  # a cache never stops a run
-        return tokens, f'{os.path.basename(caps_path)}: tokens not cached ({err})'
-    return tokens, f'{os.path.basename(caps_path)}: tokens written to the cache {path}{note}'
-
-
-class TextSpec:
-    """What caption encoding needs to know about the tokenizer."""
-
-    def __init__(self, tokenizer, max_len=512):
-        self.cls_id = tokenizer.cls_token_id
-        self.sep_id = tokenizer.sep_token_id
-        self.mask_id = tokenizer.mask_token_id
-        self.vocab_size = len(tokenizer)
-        self.max_len = min(max_len, tokenizer.model_max_length)
-
-    def encode(self, piece_ids, word_index, rng=None):
-        """[CLS] + pieces + [SEP]; with an rng, each word is masked/replaced/deleted with prob 0.2."""
-        piece_ids = piece_ids.astype(np.int64)
-        if rng is not None and len(piece_ids):
-            n_words = int(word_index.max()) + 1
-            u = rng.random(n_words)
-            perturbed = u < WORD_PERTURB_PROB
-            share = u / WORD_PERTURB_PROB
-            masked = perturbed & (share < MASK_SHARE)
-            replaced = perturbed & (share >= MASK_SHARE) & (share < MASK_SHARE + RANDOM_SHARE)
-            deleted = perturbed & (share >= MASK_SHARE + RANDOM_SHARE)
-            piece_ids = piece_ids.copy()
-            piece_ids[masked[word_index]] = self.mask_id
-            replace_at = replaced[word_index]
-            piece_ids[replace_at] = rng.integers(0, self.vocab_size, int(replace_at.sum()))
-            piece_ids = piece_ids[~deleted[word_index]]
-        piece_ids = piece_ids[:self.max_len - 2]
-        return np.concatenate(([self.cls_id], piece_ids, [self.sep_id]))
-
-
-class PrecompSplit:
-    """One split of a precomp dataset: memory-mapped regions and tokenised captions."""
-
-    def __init__(self, data_path, dataset, split, tokenizer, max_captions=None, show_progress=False, cache_dir=None):
-        """show_progress: progress bars while tokenising and scanning (rank 0 only); cache_dir: the
-        token cache's folder (None: none), and self.cache_note says what it did."""
-        self.ims_path, self.caps_path = split_files(data_path, dataset, split)
-        self.show_progress = show_progress
-        self.images = load_images(self.ims_path)
-        captions = load_captions(self.caps_path)
-        self.per_image = captions_per_image(len(self.images), len(captions), self.caps_path, self.ims_path)
-        if split == 'dev' and max_captions is None:
-            max_captions = DEV_CAPTION_CAP
-        if max_captions is not None and max_captions < len(captions):
-            # keep whole images: the first max_captions captions and the images they belong to
-            n_images = max_captions // self.per_image
-            captions = captions[:n_images * self.per_image]
-            self.images = self.images[:n_images]
-        self.captions = captions
-        self.tokens, self.cache_note = cached_tokenize(tokenizer, captions, self.caps_path, cache_dir, show_progress,
-                                                       f'tokenising {split} captions')
-        self.text = TextSpec(tokenizer)
-
-    @property
-    def n_images(self):
-        return len(self.images)
-
-    @property
-    def feature_size(self):
-        return self.images.shape[2]
-
-    def image_of_caption(self, c):
-        return c // self.per_image
-
-    def check_finite(self, chunk=512):
-        """Fail on NaN/inf features (checked in chunks: the array stays memory-mapped)."""
-        bad = find_nonfinite(self.images, chunk, self.show_progress, f'scanning {os.path.basename(self.ims_path)}')
-        if bad is not None:
-            raise nonfinite_error(self.ims_path, bad)
-
-
 def advise_random_access(images):
     """Training reads images in random order: tell the kernel not to read ahead, so resident
     memory holds the images actually read rather than megabytes around each of them."""
     file_map = getattr(images, '_mmap', None)  # np.memmap (and its slices) keep the mapping here
     if file_map is not None and hasattr(mmap, 'MADV_RANDOM'):
         file_map.madvise(mmap.MADV_RANDOM)
-
-
-class TrainDataset(torch.utils.data.Dataset):
-    """One item per caption: (regions, token ids, caption index, image index).
-
-    Augmentation randomness comes from (seed, epoch, caption index), so a run is repeatable
-    and resumable whatever the number of workers.
-    """
-
-    def __init__(self, split, seed=0, size_augment=True, text_augment=True):
-        advise_random_access(split.images)
-        self.split = split
-        self.seed = seed
-        self.size_augment = size_augment
-        self.text_augment = text_augment
-        self.epoch = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.split.tokens)
-
-    def __getitem__(self, index):
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        img_index = self.split.image_of_caption(index)
-        image = np.asarray(self.split.images[img_index], dtype=np.float32)
-        if not np.isfinite(image).all():  # one image per item: cheap, unlike scanning a 33 GB array up front
-            raise nonfinite_error(self.split.ims_path, img_index)
-        if self.size_augment:
-            keep = rng.random(len(image)) > REGION_DROP_PROB
-            if not keep.any():  # never hand an image with no region to the encoder
-                keep[rng.integers(len(image))] = True
-            image = image[keep]
-        ids = self.split.text.encode(*self.split.tokens.pieces(index), rng if self.text_augment else None)
-        return image, ids, index, img_index
-
-
-def pad_batch(arrays, dtype):
-    """Arrays whose first dimension varies -> zero-padded (B, max n, ...) tensor and the lengths.
-
-    Regions pad with zero vectors, token ids with 0 ([PAD]). Filled in numpy: the rows may be
-    read-only views of the memory-mapped array.
-    """
-    lengths = [len(a) for a in arrays]
-    out = np.zeros((len(arrays), max(lengths), *np.shape(arrays[0])[1:]), dtype)
-    for i, a in enumerate(arrays):
-        out[i, :len(a)] = a
-    return torch.from_numpy(out), torch.tensor(lengths)
-
-
-def collate(items):
-    images, ids, cap_index, img_index = zip(*items)
-    regions, region_lengths = pad_batch(images, np.float32)
-    tokens, token_lengths = pad_batch(ids, np.int64)
-    return {'regions': regions, 'region_lengths': region_lengths, 'tokens': tokens,
-            'token_lengths': token_lengths, 'caption_ids': torch.tensor(cap_index),
-            'img_ids': torch.tensor(img_index)}
