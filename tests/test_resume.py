@@ -20,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import arguments
 import lib.resume
+import lib.training
 import train
 from lib.data import PrecompSplit
 from lib.loader import TrainDataset, make_loader
@@ -85,7 +86,7 @@ def runs(straight):
     torch.save(older, last)
     killed_at = torch.load(last, weights_only=True)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, 'SummaryWriter', FlushingWriter)
+        mp.setattr(lib.training, 'SummaryWriter', FlushingWriter)
         kill_on_call(mp, 3)
         with pytest.raises(KeyboardInterrupt):
             train.main(['--resume', last, '--num_epochs', '2', '--device', 'cpu', '--workers', '0'])
