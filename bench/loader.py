@@ -168,7 +168,8 @@ def parse(argv=None):
     p.add_argument('--workers', type=int, nargs='+', default=[0, 2], help='DataLoader worker counts to time')
     p.add_argument('--epochs', type=int, default=2, help='timed epochs per measurement (after one untimed)')
     p.add_argument('--max_batches', type=int, default=0, help='stop an epoch after this many batches (0: whole)')
-    p.add_argument('--loaders', nargs='+', default=['ours', 'authors'], choices=['ours', 'authors'])
+    p.add_argument('--loaders', nargs='+', default=['ours', 'authors'], choices=['ours', 'authors'],
+                   help="which loaders to time: this project's, the authors' dataset + collate (reimplemented)")
     p.add_argument('--bert_path', default=DEMO_TEXT_MODEL, help='tokenizer (BERT uncased vocabulary)')
     return p.parse_args(argv)
 

@@ -301,7 +301,7 @@ def test_the_formatter_appends_the_default_exactly_once():
 # ----------------------------------------------------------------------------- mechanical checks of facts
 
 README = os.path.join(ROOT, 'README.md')
-LINE_BUDGET = 1574  # README.md + docs/*.md: the issue asks for fewer lines than the 1,574 of docs/ before it
+LINE_BUDGET = 1574  # docs/*.md: fewer lines than the 1,574 they held before (5f4dd7a); the README has its own budget
 README_BUDGET = 250
 
 
@@ -416,7 +416,8 @@ def test_the_machine_table_holds_the_machines_the_figures_came_from():
 
 def test_the_docs_stay_within_their_line_budget():
     counts = {rel(p): read(p).count('\n') for p in PAGES}
-    assert sum(counts.values()) < LINE_BUDGET, f'{sum(counts.values())} lines of docs: {counts}'
+    docs = {page: n for page, n in counts.items() if page.startswith('docs/')}
+    assert sum(docs.values()) < LINE_BUDGET, f'{sum(docs.values())} lines of docs/: {docs}'
     assert counts['README.md'] < README_BUDGET
 
 
