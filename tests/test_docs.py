@@ -357,8 +357,7 @@ def test_the_layout_check_sees_a_missing_and_an_invented_file():
 
 # files the pages name that are not in this repository, each for its reason
 NOT_HERE = {'lib/mca.py': "the authors' code (differences.md)",
-            'bench/gpu_check.json': 'the output of bench/gpu_check.sh',
-            'docs/compute.md': 'added by another branch; drop this entry once merged'}
+            'bench/gpu_check.json': 'the output of bench/gpu_check.sh'}
 REPO_PATH = re.compile(r'(?<![\w/.-])((?:lib|tools|bench|tests|docs|imgs|\.ci)/[\w./-]*[\w/])')
 
 
