@@ -2,10 +2,10 @@
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 from graph_lib import InstanceRelation
 from lib.encoders import ImageEncoder, TextEncoder, l2norm
+from lib.models.base import EncoderPair
 from lib.losses import MatchingLoss
 from lib.models.outputs import Outputs
 
@@ -44,7 +44,7 @@ class HREMConfig:
     model: str = 'hrem'
 
 
-class HREM(nn.Module):
+class HREM(EncoderPair):
     def __init__(self, config, text_backbone):
         super().__init__()
         self.config = args = config
@@ -64,20 +64,6 @@ class HREM(nn.Module):
         self.reg_loss_weight = args.reg_loss_weight
         self.cross_loss = bool(args.cross_loss)
         self.norm_input = bool(args.norm_input)
-
-    @property
-    def img_dim(self):
-        return self.img_enc.fc.fc.in_features
-
-    def encode_image(self, regions, lengths):
-        """-> (B, E) L2-normalised embedding, (B, R, E) local features."""
-        g, x = self.img_enc(regions, lengths)
-        return l2norm(g), x
-
-    def encode_text(self, tokens, lengths):
-        """-> (B, E) L2-normalised embedding, (B, L, E) word features."""
-        g, x = self.txt_enc(tokens, lengths)
-        return l2norm(g), x
 
     def start_note(self):
         """What the training log says about this model's schedule at the start."""

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lib.encoders import FCMLP, TextEncoder, l2norm
+from lib.encoders import FCMLP, TextEncoder
+from lib.models.base import EncoderPair
 from lib.losses import MatchingLoss
 from lib.models.gpo import GPO, HIDDEN_SIZE, PE_SIZE
 from lib.models.outputs import Outputs
@@ -61,7 +62,7 @@ class GPOTextEncoder(TextEncoder):
         return self.gpool(x, lengths)[0], x
 
 
-class VSEInfty(nn.Module):
+class VSEInfty(EncoderPair):
     relation = None  # no instance-level relations (checkpoints save relation: None)
 
     def __init__(self, config, text_backbone):
@@ -70,20 +71,6 @@ class VSEInfty(nn.Module):
         self.img_enc = GPOImageEncoder(config)
         self.txt_enc = GPOTextEncoder(config, text_backbone)
         self.loss = MatchingLoss('vse', config.margin, positives='diagonal')
-
-    @property
-    def img_dim(self):
-        return self.img_enc.fc.fc.in_features
-
-    def encode_image(self, regions, lengths):
-        """-> (B, E) L2-normalised embedding, (B, R, E) region features."""
-        g, x = self.img_enc(regions, lengths)
-        return l2norm(g), x
-
-    def encode_text(self, tokens, lengths):
-        """-> (B, E) L2-normalised embedding, (B, L, E) word features."""
-        g, x = self.txt_enc(tokens, lengths)
-        return l2norm(g), x
 
     def start_note(self):
         """What the training log says about this model's schedule at the start."""
