@@ -1,5 +1,6 @@
 """Errors a person can act on: one message, one non-zero exit, no traceback."""
 import functools
+import os
 import re
 import sys
 
@@ -74,7 +75,13 @@ def exit_on_user_error(main):
             other = other_rank_failure_message(err)
             if other is not None:
                 print(f'error: {other}', file=sys.stderr)
-                sys.exit(EXIT_OTHER_RANK)
+                # not sys.exit: tearing down a process group whose peer died can abort in C++
+                # ("terminate called without an active exception", seen with gloo), which would turn
+                # this one-line exit into SIGABRT. The checkpoint is on disk; events the writer had
+                # not flushed are purged on resume anyway.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(EXIT_OTHER_RANK)
             message = worker_failure_message(err)
             if message is None and isinstance(err, UserError):
                 message = str(err)
