@@ -143,7 +143,9 @@ class InstanceRelation(nn.Module):
         mask = (self.mask_weight * relevance).masked_fill(~connect, float('-inf'))
         nodes = torch.cat([img, cap], 0)[None]
         with standard_attention_path():
-            out = self.transformer(nodes, mask=mask.to(nodes.dtype))[0]
+            # is_causal=False: never causal, and torch would otherwise compare the mask with a causal
+            # one, a data-dependent check (it fails on fake tensors; a sync per step on CUDA)
+            out = self.transformer(nodes, mask=mask.to(nodes.dtype), is_causal=False)[0]
         return F.normalize(out, dim=-1).split(img.shape[0])
 
 
