@@ -25,7 +25,7 @@ from lib.data import (PrecompSplit, TextSpec, captions_per_image, load_captions,
 from lib.distributed import pick_device
 from lib.errors import UserError, exit_on_user_error
 from lib.encoding import encode_captions, encode_images
-from lib.images import gallery_files, thumbnail  # noqa: F401  (gallery_files: the --image_dir listing)
+from lib.images import gallery_files, thumbnail
 from lib.loading import model_from_checkpoint, read_model_file, saved_options, text_model_of
 from lib.text_model import load_tokenizer
 from lib.writing import atomic_write, make_folders

@@ -8,6 +8,7 @@ import torch
 
 from lib.losses import MatchingLoss
 from lib.models.gpo import GPO
+from test_authors_checkpoint import bert_dir  # noqa: F401 (fixture: BERT-base sizes, uncased vocabulary)
 
 # --- GPO against a naive reference -----------------------------------------------------------
 
@@ -200,22 +201,6 @@ def ref_sims(img_state, txt_state, images, bert_dir):
         hidden = bert(input_ids=ids).last_hidden_state[0]
         caps.append(ref_gpo(F.linear(hidden, sd['linear.weight'], sd['linear.bias']), sd))
     return (img @ torch.stack(caps).T).numpy()
-
-
-@pytest.fixture(scope='module')
-def bert_dir(tmp_path_factory):
-    """A BERT-base-sized configuration (hidden 768, 2 layers to stay fast) and the uncased vocabulary."""
-    import os
-    import shutil
-
-    from transformers import BertConfig
-
-    from lib.text_model import DEMO_TEXT_MODEL
-    folder = tmp_path_factory.mktemp('bert-base-uncased')
-    BertConfig(vocab_size=30522, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=12,
-               intermediate_size=3072).save_pretrained(folder)
-    shutil.copy(os.path.join(DEMO_TEXT_MODEL, 'vocab.txt'), folder)
-    return str(folder)
 
 
 @pytest.fixture(scope='module')
