@@ -6,6 +6,7 @@ sum of fixed random prototypes (object + colour, or scene) plus noise; other reg
 Captions describe the scene and some of the objects, so images that share objects or scenes
 but differ in colours are hard negatives. Generation is deterministic (fixed seed).
 """
+import json
 import os
 
 import numpy as np
@@ -19,8 +20,9 @@ SCENES = ['beach', 'street', 'park', 'kitchen', 'field', 'forest', 'lake', 'snow
 SPLITS = {'train': 1000, 'dev': 500, 'test': 1000}
 N_REGIONS = 16
 FEATURE_SIZE = 512
-NOISE = 2.0
+NOISE = 1.0
 SEED = 1234
+RECIPE_FILE = 'recipe.json'
 
 TEMPLATES_ONE = ['a {c0} {o0} in the {s}', 'a photo of a {c0} {o0} at the {s}', 'there is a {c0} {o0} near the {s}',
                  'the {s} with a {c0} {o0}', 'a {o0} that is {c0} in a {s}']
@@ -80,13 +82,29 @@ def make_demo(folder, sizes=None):
             np.save(f, feats)
         with atomic_write(os.path.join(folder, f'{split}_caps.txt'), 'w', what='the demo set') as f:
             f.write('\n'.join(caps) + '\n')
+    # written last: an interrupted build leaves no stamp and is redone by ensure_demo
+    with atomic_write(os.path.join(folder, RECIPE_FILE), 'w', what='the demo set') as f:
+        f.write(recipe())
     return folder
 
 
+def recipe():
+    """How the demo set is generated (not its sizes, which tests choose); stored beside it so that
+    a set made by an older recipe (another NOISE, say) is rebuilt instead of silently reused."""
+    return json.dumps({'n_regions': N_REGIONS, 'feature_size': FEATURE_SIZE, 'noise': NOISE, 'seed': SEED},
+                      sort_keys=True)
+
+
 def ensure_demo(data_path):
-    """Create data_path/demo_precomp on first use."""
+    """Create data_path/demo_precomp on first use, and again when the recipe has changed."""
     folder = os.path.join(data_path, 'demo_precomp')
-    if not all(os.path.isfile(os.path.join(folder, f'{s}_{k}')) for s in SPLITS for k in ('ims.npy', 'caps.txt')):
+    stamp = os.path.join(folder, RECIPE_FILE)
+    files = [os.path.join(folder, f'{s}_{k}') for s in SPLITS for k in ('ims.npy', 'caps.txt')]
+    current = all(os.path.isfile(f) for f in files) and os.path.isfile(stamp)
+    if current:
+        with open(stamp) as f:
+            current = f.read() == recipe()
+    if not current:
         print(f'creating the demo set in {folder} (deterministic, a few seconds)')
         make_demo(folder)
     return folder
