@@ -238,6 +238,9 @@ def add_runtime_args(parser):
     add_tf32_arg(g)
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
                    help='torch.compile the image and text encoders (needs a C++ compiler on CPU, Triton on CUDA)')
+    g.add_argument('--grad_checkpointing', action=argparse.BooleanOptionalAction, default=False,
+                   help='recompute the text backbone in the backward pass instead of keeping its activations: '
+                        'the same gradients, less memory, a slower step (docs/precision_and_speed.md)')
     return g
 
 

@@ -18,7 +18,7 @@ from lib.distributed import barrier, cleanup, init_distributed
 from lib.errors import UserError, exit_on_user_error
 from lib.models import config_from_args, create_model
 from lib.precision import bf16_warning
-from lib.text_model import load_text_backbone, load_tokenizer
+from lib.text_model import enable_grad_checkpointing, load_text_backbone, load_tokenizer
 from lib.token_cache import resolve_cache_dir
 from lib.train_options import check_args, resolve_args
 from lib.training import Stop, Trainer, seed_all
@@ -87,6 +87,8 @@ def main(argv=None):
         for key, saved, now in ckpt_lib.config_differences(init, config):
             logger.warning(f'{source} was trained with --{key} {saved}; this run uses {now}')
     model.to(env.device)
+    if args.grad_checkpointing:  # before compile and DDP wrap the modules
+        enable_grad_checkpointing(model)
     if args.compile:
         compile_encoders(model)
     trainer = Trainer(model, args, env, train_split, val_split, resume_ckpt)

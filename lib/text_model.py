@@ -94,3 +94,20 @@ def load_text_backbone(bert_path, pretrained=True):
         return BertModel(BertConfig.from_pretrained(bert_path))
     except (OSError, ValueError) as err:
         raise _hub_error(bert_path, err) from err
+
+
+def enable_grad_checkpointing(model):
+    """--grad_checkpointing: the text backbone keeps only each layer's input in the forward pass and
+    recomputes the layer in the backward pass (about a third more text-encoder compute for most
+    of its activation memory). Non-reentrant checkpoints restore the RNG state, so dropout draws
+    the same masks again and the gradients equal those of a run without it."""
+    bert = model.txt_enc.bert
+    if not getattr(bert, 'supports_gradient_checkpointing', False):
+        raise UserError(f'--grad_checkpointing: the text model {type(bert).__name__} does not support activation '
+                        'checkpointing; drop the option')
+    kwargs = {'use_reentrant': False, 'preserve_rng_state': True}
+    bert.config.use_cache = False
+    if hasattr(bert, 'activation_checkpointing_enable'):  # transformers >= 5.x
+        bert.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # older transformers name it gradient checkpointing
+        bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

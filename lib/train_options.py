@@ -11,7 +11,7 @@ from lib.precision import check_precision, set_tf32
 # Options a resumed run may change; everything else is taken from the checkpoint.
 RESUME_OVERRIDES = ('device', 'workers', 'resume', 'max_steps', 'num_epochs', 'log_step', 'eval_batch_size',
                     'data_path', 'bert_path', 'max_nonfinite', 'checkpoint_every', 'checkpoint_minutes', 'compile',
-                    'tf32', 'cache_dir')
+                    'grad_checkpointing', 'tf32', 'cache_dir')
 
 
 def resolve_args(argv):
