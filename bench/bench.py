@@ -1,7 +1,9 @@
 """Benchmarks: a training step, the relation module beside a per-caption loop reference,
 COCO-5K evaluation beside a per-row argsort loop, the resident memory of a short training
-run on a memory-mapped feature file, the training step with --compile beside eager, and one
-mid-epoch checkpoint save. Prints one JSON document.
+run on a memory-mapped feature file, the training step with --compile beside eager, one
+mid-epoch checkpoint save, the FLOPs of a step and of evaluation with the achieved rate, the
+matrix-product peak and the loader beside the step (flops), and a step's memory per part
+(memory). Prints one JSON document.
 
     python bench/bench.py --parts relation step eval memmap compile --text minilm
 
@@ -497,12 +499,141 @@ def measure_precision_eval(o, device):
             'n_images': int(split.n_images), 'n_captions': len(split.tokens), 'source': source,
             'text_model': None if o.eval_checkpoint else o.text}
 
+def matmul_peak(o, device):
+    """FLOP/s of a large square matrix product in the step's precision: what this device reaches
+    at best on the operation that dominates the step."""
+    n = 8192 if device.type == 'cuda' else 3072
+    dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[o.precision]
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    medians, _ = timed({'mm': lambda: torch.mm(a, b)}, device, max(o.repeat, 5))
+    return 2 * n ** 3 / medians['mm']
+
+
+def loader_rate(o):
+    """Samples/s of this project's training loader alone (bench/loader.py, run as a script: one
+    process, no workers) at this part's batch and region sizes."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'loader.py')
+    run = subprocess.run([sys.executable, script, '--json', '--loaders', 'ours', '--workers', '0',
+                          '--images', str(o.loader_images), '--epochs', '1', '--batch_size', str(o.batch_size),
+                          '--regions', str(o.regions), '--img_dim', str(o.img_dim)], capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f'bench/loader.py failed:\n{run.stderr[-2000:]}')
+    return json.loads(run.stdout.strip().splitlines()[-1])['ours']['0']
+
+
+def measure_flops(o, device):
+    """FLOPs of one training step (forward, backward, update; relation module active) and of
+    evaluation, counted by torch.utils.flop_counter (matrix products, attention, convolutions;
+    elementwise operations are not counted); the step's achieved rate against the device's
+    measured matrix-product peak; the loader's samples/s beside the step's."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model, args, optimizer = build_model(o, device)
+    batch = random_batch(o, device)
+    step = training_step(model, args, optimizer, batch, device, o.precision)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    step_flops = counter.get_total_flops()
+    by_module = {k: sum(v.values()) for k, v in counter.get_flop_counts().items() if k.count('.') == 1}
+    medians, times = timed({'step': step}, device, o.repeat, warmup=False)
+    step_s = medians['step']
+    peak = matmul_peak(o, device)
+    # evaluation: each image and caption encoded once, then one product of the two embedding matrices
+    from lib.precision import autocast
+    model.eval()
+    with torch.no_grad(), autocast(device, o.precision):
+        with FlopCounterMode(display=False) as images:
+            model.encode_image(batch['regions'], batch['region_lengths'])
+        with FlopCounterMode(display=False) as captions:
+            model.encode_text(batch['tokens'], batch['token_lengths'])
+    b, e = o.batch_size, o.embed_size
+    per_image, per_caption = images.get_total_flops() / b, captions.get_total_flops() / b
+    evaluation = {name: n_img * per_image + 5 * n_img * per_caption + 2 * e * n_img * 5 * n_img
+                  for name, n_img in (('f30k_1k_test', 1000), ('coco_5k_test', 5000))}
+    loader = loader_rate(o) if o.loader_images else None
+    step_rate = b / step_s
+    return {'step_flops': step_flops, 'step_flops_by_module': by_module, 'step_s': step_s, 'times': times['step'],
+            'achieved_flops_per_s': step_flops / step_s, 'matmul_peak_flops_per_s': peak,
+            'achieved_over_peak': step_flops / step_s / peak,
+            'eval_flops_per_image': per_image, 'eval_flops_per_caption': per_caption,
+            'eval_flops_similarity_per_pair': 2 * e, 'eval_flops': evaluation,
+            'step_samples_per_s': step_rate, 'loader_samples_per_s': loader,
+            'limited_by': None if loader is None else ('the step' if step_rate < loader else 'the loader'),
+            'text_model': o.text, 'precision': o.precision,
+            'sizes': {k: getattr(o, k) for k in ('batch_size', 'embed_size', 'regions', 'tokens', 'img_dim')}}
+
+
+MEMORY_VARIANTS = ('ours', 'grad_checkpointing', 'loop')
+
+
+def measure_memory(o, device):
+    """Memory of one training step (relation module active) per part, counted tensor by tensor
+    (lib/memory_accounting.py): weights, gradients, AdamW state, what each module keeps for the
+    backward pass, the live total after forward and backward, and the step's peak. Variants: this
+    project, with --grad_checkpointing, and with the relation module's region-word scores
+    structured as the authors' code does (one caption at a time: bench's loop reference)."""
+    from lib.memory_accounting import (SavedActivations, TensorMemory, optimizer_state_bytes,
+                                       parameter_bytes)
+    from lib.precision import autocast, grad_scaler
+    from lib.text_model import enable_grad_checkpointing
+    out = {}
+    for variant in o.memory_variants:
+        graph_lib.region_word_scores = SCORES['loop' if variant == 'loop' else 'ours']
+        model, args, optimizer = build_model(o, device)
+        if variant == 'grad_checkpointing':
+            enable_grad_checkpointing(model)
+        params = [p for group in optimizer.param_groups for p in group['params']]
+        for p in params:  # the optimizer state exists, as from a run's second step on
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        batch = random_batch(o, device)
+        parts = {'text backbone': model.txt_enc.bert, 'text head': model.txt_enc, 'image encoder': model.img_enc,
+                 'relation module': model.relation}
+        weights = list(model.parameters()) + list(model.buffers())
+        state = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        saved = SavedActivations(parts, weights=weights)
+        scaler = grad_scaler(device, o.precision)
+        model.train()
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+        memory = TensorMemory().track(weights + state + list(batch.values()))
+        start = memory.live
+        tick = time.perf_counter()
+        with memory:
+            with saved(), autocast(device, o.precision):
+                loss = model(batch, step=1).loss
+            memory.mark('after forward')
+            scaler.scale(loss).backward()
+            del loss
+            memory.mark('after backward')
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            memory.mark('after the update')
+        sync(device)
+        out[variant] = {
+            'weights_bytes': parameter_bytes(model) + sum(b.numel() * b.element_size() for b in model.buffers()),
+            'gradient_bytes': parameter_bytes(model, trainable_only=True),
+            'optimizer_state_bytes': optimizer_state_bytes(optimizer),
+            'batch_bytes': sum(v.numel() * v.element_size() for v in batch.values()),
+            'saved_for_backward_bytes': saved.by_part,
+            'live_bytes': {'before the step': start, **{k: v[0] for k, v in memory.marks.items()}},
+            'peak_bytes_by_phase': {k.replace('after', 'during'): v[1] for k, v in memory.marks.items()},
+            'peak_bytes': memory.peak, 'step_s_while_counting': time.perf_counter() - tick,
+            'cuda_max_allocated_bytes': torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None}
+        del model, optimizer, batch, params, weights, state, memory, saved
+    graph_lib.region_word_scores = SCORES['ours']
+    return {'variants': out, 'text_model': o.text, 'precision': o.precision,
+            'sizes': {k: getattr(o, k) for k in ('batch_size', 'embed_size', 'regions', 'tokens', 'img_dim')}}
+
 
 # a name that runs several parts, each in its own subprocess
 GROUPS = {'precision': ['precision_step', 'precision_eval']}
 PARTS = {'relation': measure_relation, 'step': measure_step, 'eval': measure_eval, 'memmap': measure_memmap,
          'compile': measure_compile, 'checkpoint': measure_checkpoint, 'precision_step': measure_precision,
-         'precision_eval': measure_precision_eval}
+         'precision_eval': measure_precision_eval, 'flops': measure_flops, 'memory': measure_memory}
 
 
 def child(o):
@@ -544,6 +675,10 @@ def parse(argv=None):
     p.add_argument('--eval_checkpoint', default=None,
                    help='precision_eval: encode the test split of this checkpoint instead of a random model')
     p.add_argument('--eval_batch_size', type=int, default=128, help='encoding batch size of precision_eval')
+    p.add_argument('--loader_images', type=int, default=1000,
+                   help='flops: images of the loader measurement beside the step (0: skip it)')
+    p.add_argument('--memory_variants', nargs='+', default=list(MEMORY_VARIANTS), choices=MEMORY_VARIANTS,
+                   help='memory: this project, with --grad_checkpointing, the authors\' relation structure')
     p.add_argument('--out', default=None, help='also write the JSON to this file')
     p.add_argument('--part', help=argparse.SUPPRESS)
     o = p.parse_args(argv)

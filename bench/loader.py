@@ -10,6 +10,7 @@ what the loader alone delivers. Prints one line per (loader, workers).
     python bench/loader.py                       # 2,000 images, batch 128, workers 0 and 2
 """
 import argparse
+import json
 import os
 import random
 import sys
@@ -171,6 +172,8 @@ def parse(argv=None):
     p.add_argument('--loaders', nargs='+', default=['ours', 'authors'], choices=['ours', 'authors'],
                    help="which loaders to time: this project's, the authors' dataset + collate (reimplemented)")
     p.add_argument('--bert_path', default=DEMO_TEXT_MODEL, help='tokenizer (BERT uncased vocabulary)')
+    p.add_argument('--json', action='store_true',
+                   help='end with one JSON line {"<loader>": {"<workers>": samples/s}} (bench/bench.py reads it)')
     return p.parse_args(argv)
 
 
@@ -183,10 +186,14 @@ def main(argv=None):
         print(f'{o.images} images x {o.regions} x {o.img_dim} float32 ({o.images * o.regions * o.img_dim * 4 / 1e9:.2f} GB), '
               f'{5 * o.images} captions, batch {o.batch_size}, augmentation on')
         print(f'copy floor        : {copy_floor(o):8.0f} samples/s (one memcpy of a full batch of regions)', flush=True)
+        rates = {}
         for name in o.loaders:
             for workers in o.workers:
                 rate = measure({'ours': ours, 'authors': authors}[name], folder, o, workers, tokenizer)
+                rates.setdefault(name, {})[str(workers)] = rate
                 print(f'{name:8s} workers {workers}: {rate:8.0f} samples/s', flush=True)
+    if o.json:
+        print(json.dumps(rates))
 
 
 if __name__ == '__main__':
