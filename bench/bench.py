@@ -538,9 +538,10 @@ def measure_flops(o, device):
     step_s = medians['step']
     peak = matmul_peak(o, device)
     # evaluation: each image and caption encoded once, then one product of the two embedding matrices
-    from lib.precision import autocast
+    # (counted without autocast, which the counter's dispatch mode trips in the Transformer's
+    # inference path; a count does not depend on the precision)
     model.eval()
-    with torch.no_grad(), autocast(device, o.precision):
+    with torch.no_grad():
         with FlopCounterMode(display=False) as images:
             model.encode_image(batch['regions'], batch['region_lengths'])
         with FlopCounterMode(display=False) as captions:
