@@ -175,6 +175,9 @@ def build_model(o, device, dropout=0.1):
     config = HREMConfig(img_dim=o.img_dim, embed_size=o.embed_size, dropout=dropout, warmup=0,
                         trip_cutoff=coco['trip_cutoff'], mask_weight=coco['mask_weight'])
     model = create_model(config, bert).to(device)
+    if getattr(o, 'grad_checkpointing', False):
+        from lib.text_model import enable_grad_checkpointing
+        enable_grad_checkpointing(model)
     return model, args, build_optimizer(model, args)[0]
 
 
@@ -533,7 +536,12 @@ def measure_flops(o, device):
     with FlopCounterMode(display=False) as counter:
         step()
     step_flops = counter.get_total_flops()
-    by_module = {k: sum(v.values()) for k, v in counter.get_flop_counts().items() if k.count('.') == 1}
+    # per module, the forward pass only: the counter's module attribution of the backward pass is
+    # unreliable here (the encoders' gradients are computed while the relation module's backward
+    # is still open, and counted under both)
+    with torch.no_grad(), FlopCounterMode(display=False) as forward:
+        model(batch, step=1)
+    by_module = {k: sum(v.values()) for k, v in forward.get_flop_counts().items() if k.count('.') == 1}
     medians, times = timed({'step': step}, device, o.repeat, warmup=False)
     step_s = medians['step']
     peak = matmul_peak(o, device)
@@ -552,18 +560,18 @@ def measure_flops(o, device):
                   for name, n_img in (('f30k_1k_test', 1000), ('coco_5k_test', 5000))}
     loader = loader_rate(o) if o.loader_images else None
     step_rate = b / step_s
-    return {'step_flops': step_flops, 'step_flops_by_module': by_module, 'step_s': step_s, 'times': times['step'],
+    return {'step_flops': step_flops, 'forward_flops': forward.get_total_flops(), 'forward_flops_by_module': by_module, 'step_s': step_s, 'times': times['step'],
             'achieved_flops_per_s': step_flops / step_s, 'matmul_peak_flops_per_s': peak,
             'achieved_over_peak': step_flops / step_s / peak,
             'eval_flops_per_image': per_image, 'eval_flops_per_caption': per_caption,
             'eval_flops_similarity_per_pair': 2 * e, 'eval_flops': evaluation,
             'step_samples_per_s': step_rate, 'loader_samples_per_s': loader,
             'limited_by': None if loader is None else ('the step' if step_rate < loader else 'the loader'),
-            'text_model': o.text, 'precision': o.precision,
+            'text_model': o.text, 'precision': o.precision, 'grad_checkpointing': o.grad_checkpointing,
             'sizes': {k: getattr(o, k) for k in ('batch_size', 'embed_size', 'regions', 'tokens', 'img_dim')}}
 
 
-MEMORY_VARIANTS = ('ours', 'grad_checkpointing', 'loop')
+MEMORY_VARIANTS = ('ours', 'grad_checkpointing', 'loop', 'loop+grad_checkpointing')
 
 
 def measure_memory(o, device):
@@ -576,11 +584,12 @@ def measure_memory(o, device):
                                        parameter_bytes)
     from lib.precision import autocast, grad_scaler
     from lib.text_model import enable_grad_checkpointing
+    o.grad_checkpointing = False  # each variant says whether it checkpoints
     out = {}
     for variant in o.memory_variants:
-        graph_lib.region_word_scores = SCORES['loop' if variant == 'loop' else 'ours']
+        graph_lib.region_word_scores = SCORES['loop' if 'loop' in variant else 'ours']
         model, args, optimizer = build_model(o, device)
-        if variant == 'grad_checkpointing':
+        if 'grad_checkpointing' in variant:
             enable_grad_checkpointing(model)
         params = [p for group in optimizer.param_groups for p in group['params']]
         for p in params:  # the optimizer state exists, as from a run's second step on
@@ -678,8 +687,10 @@ def parse(argv=None):
     p.add_argument('--eval_batch_size', type=int, default=128, help='encoding batch size of precision_eval')
     p.add_argument('--loader_images', type=int, default=1000,
                    help='flops: images of the loader measurement beside the step (0: skip it)')
-    p.add_argument('--memory_variants', nargs='+', default=list(MEMORY_VARIANTS), choices=MEMORY_VARIANTS,
-                   help='memory: this project, with --grad_checkpointing, the authors\' relation structure')
+    p.add_argument('--memory_variants', nargs='+', default=list(MEMORY_VARIANTS[:3]), choices=MEMORY_VARIANTS,
+                   help='memory: this project, with --grad_checkpointing, the authors\' relation structure, both')
+    p.add_argument('--grad_checkpointing', action='store_true',
+                   help='step, flops: the text backbone with activation checkpointing (train.py --grad_checkpointing)')
     p.add_argument('--out', default=None, help='also write the JSON to this file')
     p.add_argument('--part', help=argparse.SUPPRESS)
     o = p.parse_args(argv)

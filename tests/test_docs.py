@@ -301,7 +301,7 @@ def test_the_formatter_appends_the_default_exactly_once():
 # ----------------------------------------------------------------------------- mechanical checks of facts
 
 README = os.path.join(ROOT, 'README.md')
-LINE_BUDGET = 1574  # docs/*.md: fewer lines than the 1,574 they held before (5f4dd7a); the README has its own budget
+LINE_BUDGET = 1590  # docs/*.md: 1,574 (5f4dd7a) plus the FLOPs, memory, GPU-time and five-seed ablation tables of issues 25 and 27; the README has its own budget
 README_BUDGET = 250
 
 
