@@ -13,6 +13,7 @@ after one warm-up run; ours and the loop reference alternate in one process, so 
 machine slows both alike (peak memory is the part's, both variants together).
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -191,23 +192,29 @@ def random_batch(o, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def training_step(model, args, optimizer, batch, device, precision):
-    """A function running one training step (as lib.engine.train_one_epoch does); it returns the loss."""
+def training_step(model, args, optimizer, batch, device, precision, forward_context=contextlib.nullcontext,
+                  mark=lambda name: None):
+    """A function running one training step (as lib.engine.train_one_epoch does); it returns the loss.
+    forward_context wraps the forward pass; mark(name) is called after each phase (the memory part)."""
     from lib.precision import autocast, grad_scaler
     scaler = grad_scaler(device, precision)
     params = [p for group in optimizer.param_groups for p in group['params']]
     model.train()
 
     def step():
-        with autocast(device, precision):
-            out = model(batch, step=1)
-        scaler.scale(out.loss).backward()
+        with forward_context(), autocast(device, precision):
+            loss = model(batch, step=1).loss
+        mark('after forward')
+        scaler.scale(loss).backward()
+        loss = loss.detach()
+        mark('after backward')
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return out.loss.detach()
+        mark('after the update')
+        return loss
     return step
 
 
@@ -560,7 +567,8 @@ def measure_flops(o, device):
                   for name, n_img in (('f30k_1k_test', 1000), ('coco_5k_test', 5000))}
     loader = loader_rate(o) if o.loader_images else None
     step_rate = b / step_s
-    return {'step_flops': step_flops, 'forward_flops': forward.get_total_flops(), 'forward_flops_by_module': by_module, 'step_s': step_s, 'times': times['step'],
+    return {'step_flops': step_flops, 'forward_flops': forward.get_total_flops(),
+            'forward_flops_by_module': by_module, 'step_s': step_s, 'times': times['step'],
             'achieved_flops_per_s': step_flops / step_s, 'matmul_peak_flops_per_s': peak,
             'achieved_over_peak': step_flops / step_s / peak,
             'eval_flops_per_image': per_image, 'eval_flops_per_caption': per_caption,
@@ -582,15 +590,11 @@ def measure_memory(o, device):
     structured as the authors' code does (one caption at a time: bench's loop reference)."""
     from lib.memory_accounting import (SavedActivations, TensorMemory, optimizer_state_bytes,
                                        parameter_bytes)
-    from lib.precision import autocast, grad_scaler
-    from lib.text_model import enable_grad_checkpointing
-    o.grad_checkpointing = False  # each variant says whether it checkpoints
     out = {}
     for variant in o.memory_variants:
         graph_lib.region_word_scores = SCORES['loop' if 'loop' in variant else 'ours']
+        o.grad_checkpointing = 'grad_checkpointing' in variant  # build_model applies it
         model, args, optimizer = build_model(o, device)
-        if 'grad_checkpointing' in variant:
-            enable_grad_checkpointing(model)
         params = [p for group in optimizer.param_groups for p in group['params']]
         for p in params:  # the optimizer state exists, as from a run's second step on
             p.grad = torch.zeros_like(p)
@@ -602,26 +606,16 @@ def measure_memory(o, device):
         weights = list(model.parameters()) + list(model.buffers())
         state = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
         saved = SavedActivations(parts, weights=weights)
-        scaler = grad_scaler(device, o.precision)
-        model.train()
+        memory = TensorMemory()
+        step = training_step(model, args, optimizer, batch, device, o.precision, forward_context=saved,
+                             mark=memory.mark)
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
-        memory = TensorMemory().track(weights + state + list(batch.values()))
+        memory.track(weights + state + list(batch.values()))
         start = memory.live
         tick = time.perf_counter()
         with memory:
-            with saved(), autocast(device, o.precision):
-                loss = model(batch, step=1).loss
-            memory.mark('after forward')
-            scaler.scale(loss).backward()
-            del loss
-            memory.mark('after backward')
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            memory.mark('after the update')
+            step()
         sync(device)
         out[variant] = {
             'weights_bytes': parameter_bytes(model) + sum(b.numel() * b.element_size() for b in model.buffers()),
@@ -633,8 +627,9 @@ def measure_memory(o, device):
             'peak_bytes_by_phase': {k.replace('after', 'during'): v[1] for k, v in memory.marks.items()},
             'peak_bytes': memory.peak, 'step_s_while_counting': time.perf_counter() - tick,
             'cuda_max_allocated_bytes': torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None}
-        del model, optimizer, batch, params, weights, state, memory, saved
+        del model, optimizer, batch, params, weights, state, memory, saved, step
     graph_lib.region_word_scores = SCORES['ours']
+    o.grad_checkpointing = False
     return {'variants': out, 'text_model': o.text, 'precision': o.precision,
             'sizes': {k: getattr(o, k) for k in ('batch_size', 'embed_size', 'regions', 'tokens', 'img_dim')}}
 

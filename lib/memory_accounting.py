@@ -7,8 +7,8 @@ a storage is freed, and the highest total is kept. Tensors that exist before the
 (weights, the batch) are registered with `track`.
 
 `SavedActivations` counts what autograd keeps for the backward pass (saved_tensors_hooks), each
-storage once, attributed to the named part (a module) whose forward saved it; `part_of` maps
-module names to parts. Weights, gradients and optimizer state are the parameters' own bytes.
+storage once, attributed to the named part (a module) whose forward saved it, the innermost when parts nest.
+Weights, gradients and optimizer state are the parameters' own bytes.
 """
 import contextlib
 import weakref
